@@ -1,0 +1,186 @@
+"""Backends: where the recurrence runs. The model calls these, never numba directly.
+
+A backend owns an array module (`xp`: numpy on the host) and a kernel module with the
+names defined in `kernels/reference.py`. `HostBackend` runs the time loop of one layer in
+Python: per step one BLAS GEMM for the recurrent product plus one fused element-wise kernel
+for all gates; everything that is not recurrent (input projections, weight gradients) is one
+GEMM over the whole window, done by the model.
+
+  reference  plain numpy kernels, any float dtype (the truth; float64 gradient checks)
+  cpu        numba kernels, float32 or float64
+  cuda       numba.cuda kernels (charrnn.cuda_backend), when a GPU is present
+
+Dimension letters: T=time, B=batch, H=hidden, G=gate blocks, V=vocab, N=T*B rows.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+
+from charrnn.config import GATES
+
+BACKENDS = ("auto", "cpu", "cuda", "reference")
+
+
+@dataclass
+class LayerCache:
+    """What one layer's forward keeps for its backward (all arrays of the backend)."""
+
+    cell: str
+    h0: np.ndarray  # (B,H) initial hidden state
+    c0: np.ndarray | None  # (B,H) initial cell state (LSTM)
+    hmask: np.ndarray | None  # (B,H) recurrent dropout mask on h fed to W_hh
+    hs: np.ndarray  # (T,B,H) hidden states
+    act: np.ndarray | None  # (T,B,G*H) activated gates (LSTM, GRU)
+    cs: np.ndarray | None  # (T,B,H) cell states (LSTM)
+    hn: np.ndarray | None  # (T,B,H) W_hn h + b_hn (GRU)
+
+
+class HostBackend:
+    """Runs on the CPU with numpy arrays; `kernels` is reference.py or cpu.py."""
+
+    xp = np
+
+    def __init__(self, name: str, kernels: ModuleType):
+        self.name = name
+        self.k = kernels
+
+    # -- memory ---------------------------------------------------------------------
+    def asarray(self, a, dtype=None):
+        return np.ascontiguousarray(a, dtype=dtype)
+
+    def to_numpy(self, a) -> np.ndarray:
+        return np.asarray(a)
+
+    # -- embedding table ------------------------------------------------------------
+    def gather_rows(self, table, ids):
+        """table (V,D); ids (N,) -> (N,D)."""
+        out = np.empty((ids.shape[0], table.shape[1]), table.dtype)
+        self.k.gather_rows(table, ids, out)
+        return out
+
+    def scatter_add_rows(self, ids, d, rows: int):
+        """ids (N,); d (N,D) -> (rows,D) with d's rows summed into the rows named by ids."""
+        out = np.zeros((rows, d.shape[1]), d.dtype)
+        self.k.scatter_add_rows(ids, d, out)
+        return out
+
+    # -- loss -----------------------------------------------------------------------
+    def softmax_xent(self, logits, targets, mask, scale):
+        """logits (N,V); targets (N,); mask (N,) -> (summed loss, dlogits (N,V) of scale*loss)."""
+        dlogits = np.empty_like(logits)
+        loss = self.k.softmax_xent(logits, targets, mask, scale, dlogits)
+        return loss, dlogits
+
+    def log_softmax_rows(self, logits):
+        out = np.empty_like(logits)
+        self.k.log_softmax_rows(logits, out)
+        return out
+
+    # -- one recurrent layer over a window -------------------------------------------
+    def layer_forward(self, cell, xp, w_hh, b_hh, h0, c0, hmask):
+        """xp (T,B,G*H) input projections (b_ih included); w_hh (G*H,H); b_hh (G*H,);
+        h0, c0 (B,H); hmask (B,H) or None -> hs (T,B,H), final h (B,H), final c, cache."""
+        T, B, GH = xp.shape
+        H = h0.shape[1]
+        dt = xp.dtype
+        hs = np.empty((T, B, H), dt)
+        act = np.empty((T, B, GH), dt) if cell != "rnn" else None
+        cs = np.empty((T, B, H), dt) if cell == "lstm" else None
+        hn = np.empty((T, B, H), dt) if cell == "gru" else None
+        hp = np.empty((B, GH), dt)  # recurrent product, reused every step
+        hin = np.empty((B, H), dt)  # masked h fed to W_hh
+        w_t = w_hh.T
+        h_prev, c_prev = h0, c0
+        for t in range(T):
+            if hmask is not None:
+                np.multiply(h_prev, hmask, out=hin)
+                np.matmul(hin, w_t, out=hp)
+            else:
+                np.matmul(h_prev, w_t, out=hp)
+            if cell == "lstm":
+                self.k.lstm_forward_step(xp[t], hp, b_hh, c_prev, act[t], cs[t], hs[t])
+                c_prev = cs[t]
+            elif cell == "gru":
+                self.k.gru_forward_step(xp[t], hp, b_hh, h_prev, act[t], hn[t], hs[t])
+            else:
+                self.k.rnn_forward_step(xp[t], hp, b_hh, hs[t])
+            h_prev = hs[t]
+        cache = LayerCache(cell, h0, c0, hmask, hs, act, cs, hn)
+        return hs, hs[T - 1], (cs[T - 1] if cs is not None else None), cache
+
+    def layer_backward(self, cache: LayerCache, dhs, w_hh):
+        """dhs (T,B,H) = dL/dh_t from above (final state detached) ->
+        dxp (T,B,G*H), dw_hh (G*H,H), db_hh (G*H,), dh0 (B,H), dc0 (B,H) or None."""
+        cell, hs = cache.cell, cache.hs
+        T, B, H = hs.shape
+        GH = GATES[cell] * H
+        dt = hs.dtype
+        dxp = np.empty((T, B, GH), dt)
+        # LSTM and RNN: dL/dhp equals dL/dxp; GRU differs in the n block (r * .).
+        dhp = np.empty((T, B, GH), dt) if cell == "gru" else dxp
+        dh = np.empty((B, H), dt)
+        dh_rec = np.zeros((B, H), dt)  # dL/dh_t arriving from step t+1
+        direct = np.empty((B, H), dt) if cell == "gru" else None
+        dc = np.zeros((B, H), dt) if cell == "lstm" else None
+        for t in range(T - 1, -1, -1):
+            np.add(dhs[t], dh_rec, out=dh)
+            h_prev = hs[t - 1] if t > 0 else cache.h0
+            if cell == "lstm":
+                c_prev = cache.cs[t - 1] if t > 0 else cache.c0
+                self.k.lstm_backward_step(cache.act[t], c_prev, cache.cs[t], dh, dc, dxp[t])
+            elif cell == "gru":
+                self.k.gru_backward_step(cache.act[t], cache.hn[t], h_prev, dh, dxp[t], dhp[t], direct)
+            else:
+                self.k.rnn_backward_step(hs[t], dh, dxp[t])
+            np.matmul(dhp[t], w_hh, out=dh_rec)
+            if cache.hmask is not None:
+                dh_rec *= cache.hmask
+            if direct is not None:
+                dh_rec += direct
+        # Weight gradients: one GEMM over the whole window.
+        hin = np.concatenate([cache.h0[None], hs[:-1]])  # (T,B,H) inputs of W_hh
+        if cache.hmask is not None:
+            hin *= cache.hmask
+        dhp2 = dhp.reshape(T * B, GH)
+        dw_hh = dhp2.T @ hin.reshape(T * B, H)
+        db_hh = dhp2.sum(axis=0)
+        return dxp, dw_hh, db_hh, dh_rec, dc
+
+
+def cuda_usable() -> bool:
+    """True when numba finds a real GPU (never under the CUDA simulator)."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return False
+    try:
+        from numba import cuda
+
+        return bool(cuda.is_available())
+    except Exception:  # no numba-cuda, no driver: the CPU it is
+        return False
+
+
+def get_backend(name: str = "auto"):
+    """'auto' picks cuda when a GPU is usable, else cpu."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown device {name!r}; valid: {', '.join(BACKENDS)}")
+    if name == "auto":
+        name = "cuda" if cuda_usable() else "cpu"
+    if name == "reference":
+        from charrnn.kernels import reference
+
+        return HostBackend("reference", reference)
+    if name == "cpu":
+        from charrnn.kernels import cpu
+
+        return HostBackend("cpu", cpu)
+    if not cuda_usable():
+        raise ValueError("device 'cuda' requested but no CUDA GPU was found; use --device cpu")
+    from charrnn.cuda_backend import CudaBackend
+
+    return CudaBackend()
+

@@ -1,0 +1,115 @@
+"""Configuration dataclasses: one field per CLI option, one comment per field.
+
+The whole config is stored in every checkpoint (as JSON), so `sample`, `eval` and
+`--resume` need nothing but the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+CELLS = ("lstm", "gru", "rnn")
+# Gate blocks per cell: LSTM i,f,g,o; GRU r,z,n; vanilla RNN one (PyTorch order).
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+SCHEDULES = ("constant", "step", "cosine")
+OPTIMIZERS = ("adam", "adamw")
+
+
+def _check_positive(name: str, value, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _check_fraction(name: str, value: float, hi_open: bool = True) -> None:
+    if not (0.0 <= value < 1.0 if hi_open else 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
+@dataclass
+class ModelConfig:
+    cell: str = "lstm"  # recurrent cell: lstm | gru | rnn (tanh)
+    vocab_size: int = 0  # V: number of token ids (characters plus special tokens)
+    embed: int = 64  # E: embedding width (folded into a (V, G*H) table for layer 0)
+    hidden: int = 512  # H: units per recurrent layer
+    layers: int = 3  # L: stacked recurrent layers
+    dropout: float = 0.0  # inverted dropout on each layer's output (inputs of layers >=1 and the decoder)
+    rec_dropout: float = 0.0  # variational dropout on h fed back into the recurrence, one mask per window
+    residual: bool = False  # add each layer's input to its output (layers >= 1, equal widths)
+
+    def validate(self) -> "ModelConfig":
+        if self.cell not in CELLS:
+            raise ValueError(f"unknown cell {self.cell!r}; valid cells: {', '.join(CELLS)}")
+        _check_positive("vocab_size", self.vocab_size)
+        _check_positive("embed", self.embed)
+        _check_positive("hidden", self.hidden)
+        _check_positive("layers", self.layers)
+        _check_fraction("dropout", self.dropout)
+        _check_fraction("rec_dropout", self.rec_dropout)
+        return self
+
+    @property
+    def gates(self) -> int:
+        return GATES[self.cell]
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64  # B: parallel streams (prose) or lines per batch (--lines)
+    seq_len: int = 100  # T: truncated-BPTT window in characters (prose mode)
+    lr: float = 2e-3  # peak learning rate
+    optimizer: str = "adamw"  # adam | adamw (decoupled weight decay)
+    weight_decay: float = 0.0  # L2 (adam) or decoupled decay (adamw) on weight matrices
+    beta1: float = 0.9  # Adam first-moment decay
+    beta2: float = 0.999  # Adam second-moment decay
+    eps: float = 1e-8  # Adam denominator epsilon
+    grad_clip: float = 5.0  # global-norm clipping threshold (0 disables)
+    schedule: str = "cosine"  # constant | step | cosine (with warm-up)
+    warmup: int = 100  # linear warm-up steps
+    min_lr_frac: float = 0.1  # cosine floor as a fraction of lr
+    decay_every: int = 1000  # step schedule: steps between decays
+    decay_rate: float = 0.5  # step schedule: multiply lr by this each decay
+    steps: int = 2000  # total optimizer steps of the run (resume continues up to this)
+    epochs: float = 0.0  # if > 0, overrides steps: passes over the training data
+    val_frac: float = 0.1  # validation split: the last fraction (prose) or random lines
+    test_frac: float = 0.0  # test split (prose: after val; lines: random)
+    test_count: int = 0  # lines mode: exact number of test lines (overrides test_frac)
+    split_seed: int = 3407  # lines mode: permutation seed for the val/test split
+    eval_every: int = 200  # steps between validation passes and checkpoints
+    eval_max_chars: int = 0  # cap on validation characters per pass (0: the whole split)
+    patience: int = 0  # early stopping: evals without improvement before stopping (0: off)
+    seed: int = 1337  # seed for initialisation, batch order and dropout
+    lines: bool = False  # one example per line, framed by start/end tokens, padded and masked
+    encoding: str = "utf-8"  # corpus text encoding, or "bytes" to model raw bytes
+    max_vocab: int = 0  # keep the most frequent characters, map the rest to <unk> (0: all)
+    device: str = "auto"  # auto | cpu | cuda
+
+    def validate(self) -> "TrainConfig":
+        for name in ("batch_size", "seq_len", "steps", "eval_every", "decay_every"):
+            _check_positive(name, getattr(self, name))
+        for name in ("warmup", "patience", "test_count", "max_vocab", "eval_max_chars"):
+            _check_positive(name, getattr(self, name), allow_zero=True)
+        _check_positive("lr", self.lr)
+        _check_positive("epochs", self.epochs, allow_zero=True)
+        _check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        _check_positive("grad_clip", self.grad_clip, allow_zero=True)
+        _check_fraction("val_frac", self.val_frac)
+        _check_fraction("test_frac", self.test_frac)
+        if self.val_frac + self.test_frac >= 1.0:
+            raise ValueError("val_frac + test_frac must be < 1")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"unknown device {self.device!r}; valid: auto, cpu, cuda")
+        return self
+
+
+def to_dict(cfg) -> dict:
+    return asdict(cfg)
+
+
+def from_dict(cls, data: dict):
+    """Build a config from a checkpoint's JSON, ignoring keys this version does not know."""
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,185 @@
+"""Plain-numpy reference twin of every kernel: the truth the fast kernels are tested against.
+
+Every function here works in float32 and float64 alike, writes its results into the output
+arrays it is given (kernels allocate nothing), and has a numba twin with the same name and
+argument order in `cpu.py` (and `cuda.py`).
+
+Cell maths follow PyTorch exactly (nn.LSTM gate order i, f, g, o; nn.GRU r, z, n with b_hn
+inside the reset product; nn.RNN tanh). Each step receives the input projection `xp`
+(x @ W_ih.T + b_ih, computed for the whole window at once) and the raw recurrent product
+`hp` (h_prev @ W_hh.T, one GEMM per step), and adds `b_hh` itself so GRU can keep b_hn
+inside r * (.).
+
+Dimension letters: B=batch, H=hidden, G=gate blocks (4 LSTM, 3 GRU, 1 RNN), V=vocab,
+N=rows (T*B flattened), T=time, D=columns of a gathered table row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _sigmoid(x):
+    # Split by sign so exp never overflows (float32 exp(89) is inf).
+    out = np.empty_like(x)
+    pos = x >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
+    ex = np.exp(x[~pos])
+    out[~pos] = ex / (1.0 + ex)
+    return out
+
+
+# ---------------------------------------------------------------- LSTM
+
+
+def lstm_forward_step(xp, hp, b_hh, c_prev, act, c, h):
+    """xp, hp (B,4H); b_hh (4H,); c_prev (B,H) -> act (B,4H) = [i,f,g,o] activated, c, h (B,H)."""
+    H = c.shape[1]
+    pre = xp + hp + b_hh  # (B,4H)
+    act[:, : 2 * H] = _sigmoid(pre[:, : 2 * H])  # i, f
+    act[:, 2 * H : 3 * H] = np.tanh(pre[:, 2 * H : 3 * H])  # g
+    act[:, 3 * H :] = _sigmoid(pre[:, 3 * H :])  # o
+    i, f, g, o = act[:, :H], act[:, H : 2 * H], act[:, 2 * H : 3 * H], act[:, 3 * H :]
+    c[...] = f * c_prev + i * g
+    h[...] = o * np.tanh(c)
+
+
+def lstm_backward_step(act, c_prev, c, dh, dc, dpre):
+    """act (B,4H); c_prev, c (B,H); dh (B,H): dL/dh_t in full.
+    dc (B,H): in = dL/dc_t from step t+1, out = dL/dc_{t-1} (updated in place).
+    dpre (B,4H) out: dL/d(pre-activation), which is both dL/dxp and dL/dhp."""
+    H = c.shape[1]
+    i, f, g, o = act[:, :H], act[:, H : 2 * H], act[:, 2 * H : 3 * H], act[:, 3 * H :]
+    tc = np.tanh(c)
+    dct = dc + dh * o * (1.0 - tc * tc)
+    dpre[:, :H] = dct * g * i * (1.0 - i)
+    dpre[:, H : 2 * H] = dct * c_prev * f * (1.0 - f)
+    dpre[:, 2 * H : 3 * H] = dct * i * (1.0 - g * g)
+    dpre[:, 3 * H :] = dh * tc * o * (1.0 - o)
+    dc[...] = dct * f
+
+
+# ---------------------------------------------------------------- GRU
+
+
+def gru_forward_step(xp, hp, b_hh, h_prev, act, hn, h):
+    """xp, hp (B,3H); b_hh (3H,); h_prev (B,H) -> act (B,3H) = [r,z,n], hn (B,H) = W_hn h + b_hn, h (B,H)."""
+    H = h.shape[1]
+    hpb = hp + b_hh  # (B,3H)
+    act[:, : 2 * H] = _sigmoid(xp[:, : 2 * H] + hpb[:, : 2 * H])  # r, z
+    r, z = act[:, :H], act[:, H : 2 * H]
+    hn[...] = hpb[:, 2 * H :]
+    act[:, 2 * H :] = np.tanh(xp[:, 2 * H :] + r * hn)
+    n = act[:, 2 * H :]
+    h[...] = (1.0 - z) * n + z * h_prev
+
+
+def gru_backward_step(act, hn, h_prev, dh, dxp, dhp, dh_prev):
+    """act (B,3H); hn, h_prev, dh (B,H) -> dxp (B,3H) = dL/dxp, dhp (B,3H) = dL/dhp (b_hh included),
+    dh_prev (B,H) = the direct path z * dh (the W_hh path is added by the caller)."""
+    H = dh.shape[1]
+    r, z, n = act[:, :H], act[:, H : 2 * H], act[:, 2 * H :]
+    dn = dh * (1.0 - z) * (1.0 - n * n)  # through tanh
+    dr = dn * hn * r * (1.0 - r)
+    dz = dh * (h_prev - n) * z * (1.0 - z)
+    dxp[:, :H] = dr
+    dxp[:, H : 2 * H] = dz
+    dxp[:, 2 * H :] = dn
+    dhp[:, :H] = dr
+    dhp[:, H : 2 * H] = dz
+    dhp[:, 2 * H :] = dn * r
+    dh_prev[...] = dh * z
+
+
+# ---------------------------------------------------------------- vanilla RNN (tanh)
+
+
+def rnn_forward_step(xp, hp, b_hh, h):
+    """xp, hp (B,H); b_hh (H,) -> h (B,H) = tanh(xp + hp + b_hh)."""
+    h[...] = np.tanh(xp + hp + b_hh)
+
+
+def rnn_backward_step(h, dh, dpre):
+    """h, dh (B,H) -> dpre (B,H) = dL/d(pre-activation) = dL/dxp = dL/dhp."""
+    dpre[...] = dh * (1.0 - h * h)
+
+
+# ---------------------------------------------------------------- embedding table
+
+
+def gather_rows(table, ids, out):
+    """table (V,D); ids (N,) int -> out (N,D) = table[ids]."""
+    out[...] = table[ids]
+
+
+def scatter_add_rows(ids, d, out):
+    """ids (N,) int; d (N,D) -> out (V,D) += sum of d's rows into the rows named by ids."""
+    np.add.at(out, ids, d)
+
+
+# ---------------------------------------------------------------- loss
+
+
+def softmax_xent(logits, targets, mask, scale, dlogits):
+    """logits (N,V); targets (N,) int; mask (N,) float (1 = counts) -> returns the summed loss
+    sum_n mask_n * -log softmax(logits_n)[target_n]; writes dlogits (N,V) = d(scale * loss)/dlogits.
+    dlogits may be the logits array itself (each row is read before it is written)."""
+    m = logits.max(axis=1, keepdims=True)  # (N,1)
+    e = np.exp(logits - m)
+    s = e.sum(axis=1, keepdims=True)
+    rows = np.arange(logits.shape[0])
+    nll = (np.log(s[:, 0]) + m[:, 0] - logits[rows, targets]) * mask  # (N,)
+    g = e / s * (mask * scale)[:, None]
+    g[rows, targets] -= mask * scale
+    dlogits[...] = g
+    return float(nll.sum())
+
+
+def log_softmax_rows(logits, out):
+    """logits (N,V) -> out (N,V) = log softmax per row (scoring and evaluation)."""
+    m = logits.max(axis=1, keepdims=True)
+    out[...] = logits - m - np.log(np.exp(logits - m).sum(axis=1, keepdims=True))
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def sample_logits(logits, temperature, top_k, top_p, u):
+    """logits (V,); temperature > 0; top_k (0 = off); top_p in (0,1] (1 = off); u uniform in [0,1).
+    Returns the sampled id: inverse-CDF sampling over the kept tokens in descending probability
+    order (ties broken by lower id), so every backend draws the same id for the same u."""
+    order = np.argsort(-logits, kind="stable")  # descending, lower id first on ties
+    z = logits[order].astype(np.float64) / temperature
+    p = np.exp(z - z[0])
+    keep = len(p) if top_k <= 0 else min(top_k, len(p))
+    p = p[:keep]
+    if top_p < 1.0:
+        c = np.cumsum(p) / p.sum()
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        keep = int(np.searchsorted(c, top_p) + 1)
+        p = p[:keep]
+    c = np.cumsum(p)
+    j = int(np.searchsorted(c, u * c[-1], side="right"))
+    return int(order[min(j, keep - 1)])
+
+
+# ---------------------------------------------------------------- optimizer
+
+
+def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, l2, decay):
+    """In place on p, m, v (same shape). bc1 = 1 - beta1**t, bc2 = 1 - beta2**t.
+    l2: classic Adam weight decay (added to the gradient); decay: AdamW's decoupled
+    decay (p *= 1 - lr*decay first). Matches torch.optim.Adam / AdamW."""
+    if decay:
+        p *= 1.0 - lr * decay
+    gg = g + l2 * p if l2 else g
+    m *= beta1
+    m += (1.0 - beta1) * gg
+    v *= beta2
+    v += (1.0 - beta2) * gg * gg
+    p -= lr * (m / bc1) / (np.sqrt(v / bc2) + eps)
+
+
+def sum_squares(g):
+    """Sum of squares of an array, accumulated in float64 (global-norm clipping)."""
+    return float(np.dot(g.ravel().astype(np.float64), g.ravel().astype(np.float64)))

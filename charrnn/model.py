@@ -1,0 +1,226 @@
+"""CharRNN: embedding -> L stacked recurrent layers -> linear decoder, forward and backward.
+
+Parameters are named as in PyTorch's word-language-model example, so a checkpoint's
+tensors load into `nn.Embedding` + `nn.LSTM`/`nn.GRU`/`nn.RNN` + `nn.Linear` unrenamed:
+
+  encoder.weight        (V,E)
+  rnn.weight_ih_l{k}    (G*H, E if k == 0 else H)
+  rnn.weight_hh_l{k}    (G*H, H)
+  rnn.bias_ih_l{k}      (G*H,)
+  rnn.bias_hh_l{k}      (G*H,)
+  decoder.weight        (V,H)
+  decoder.bias          (V,)
+
+Layer 0 never multiplies embeddings: its input projection is a row lookup into the table
+encoder.weight @ weight_ih_l0.T + bias_ih_l0 (V, G*H), and the table's gradient flows back to
+both factors. Layers >= 1 project their whole window with one GEMM.
+
+Dimension letters: T=time, B=batch, V=vocab, E=embed, H=hidden, G=gate blocks, L=layers,
+N=T*B rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from charrnn.backend import get_backend
+from charrnn.config import ModelConfig
+
+
+@dataclass
+class State:
+    """Hidden state carried between windows: h (L,B,H); c (L,B,H) for LSTM, else None."""
+
+    h: np.ndarray
+    c: np.ndarray | None
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's name and shape, in a fixed order."""
+    V, E, H, GH = cfg.vocab_size, cfg.embed, cfg.hidden, cfg.gates * cfg.hidden
+    shapes = {"encoder.weight": (V, E)}
+    for k in range(cfg.layers):
+        shapes[f"rnn.weight_ih_l{k}"] = (GH, E if k == 0 else H)
+        shapes[f"rnn.weight_hh_l{k}"] = (GH, H)
+        shapes[f"rnn.bias_ih_l{k}"] = (GH,)
+        shapes[f"rnn.bias_hh_l{k}"] = (GH,)
+    shapes["decoder.weight"] = (V, H)
+    shapes["decoder.bias"] = (V,)
+    return shapes
+
+
+def init_params(cfg: ModelConfig, seed: int, dtype=np.float32) -> dict[str, np.ndarray]:
+    """PyTorch's defaults (uniform +-1/sqrt(H) for the recurrence and decoder, N(0,1) for
+    the embedding), except the LSTM forget-gate bias starts at 1 so early gradients flow."""
+    rng = np.random.default_rng(seed)
+    bound = 1.0 / np.sqrt(cfg.hidden)
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        if name == "encoder.weight":
+            p = rng.standard_normal(shape)
+        elif name == "decoder.bias":
+            p = np.zeros(shape)
+        else:
+            p = rng.uniform(-bound, bound, shape)
+        params[name] = p.astype(dtype)
+    if cfg.cell == "lstm":
+        H = cfg.hidden
+        for k in range(cfg.layers):
+            params[f"rnn.bias_ih_l{k}"][H : 2 * H] = 1.0
+            params[f"rnn.bias_hh_l{k}"][H : 2 * H] = 0.0
+    return params
+
+
+def _dropout_mask(rng, shape, p, dtype):
+    """Inverted dropout: keep with probability 1-p, scale kept units by 1/(1-p)."""
+    return ((rng.random(shape) >= p) / (1.0 - p)).astype(dtype)
+
+
+class CharRNN:
+    def __init__(self, cfg: ModelConfig, params: dict | None = None, backend=None,
+                 dtype=np.float32, seed: int = 0):
+        self.cfg = cfg.validate()
+        self.backend = backend if backend is not None else get_backend("cpu")
+        self.dtype = np.dtype(dtype)
+        shapes = param_shapes(cfg)
+        if params is None:
+            params = init_params(cfg, seed, self.dtype)
+        missing = sorted(set(shapes) - set(params))
+        if missing:
+            raise ValueError(f"parameters missing: {', '.join(missing)}")
+        for name, shape in shapes.items():
+            if tuple(params[name].shape) != shape:
+                raise ValueError(f"parameter {name}: expected shape {shape}, got {tuple(params[name].shape)}")
+        self.params = {n: self.backend.asarray(params[n], self.dtype) for n in shapes}
+
+    # -- state ----------------------------------------------------------------------
+    def zero_state(self, batch: int) -> State:
+        xp, L, H = self.backend.xp, self.cfg.layers, self.cfg.hidden
+        c = xp.zeros((L, batch, H), self.dtype) if self.cfg.cell == "lstm" else None
+        return State(xp.zeros((L, batch, H), self.dtype), c)
+
+    def _check_inputs(self, ids, state: State):
+        if not (hasattr(ids, "ndim") and ids.ndim == 2 and ids.dtype.kind in "iu"):
+            got = f"{getattr(ids, 'ndim', '?')}-D {getattr(ids, 'dtype', type(ids).__name__)}"
+            raise ValueError(f"ids: expected a 2-D integer array (T, B), got {got}")
+        T, B = ids.shape
+        if T == 0 or B == 0:
+            raise ValueError(f"ids: expected T >= 1 and B >= 1, got shape {ids.shape}")
+        V = self.cfg.vocab_size
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= V:
+            raise ValueError(f"ids: values must be in [0, {V}), got range [{lo}, {hi}]")
+        want = (self.cfg.layers, B, self.cfg.hidden)
+        if tuple(state.h.shape) != want:
+            raise ValueError(f"state.h: expected shape {want}, got {tuple(state.h.shape)}")
+        if (state.c is None) != (self.cfg.cell != "lstm") or (
+            state.c is not None and tuple(state.c.shape) != want
+        ):
+            got = None if state.c is None else tuple(state.c.shape)
+            raise ValueError(f"state.c: expected {want if self.cfg.cell == 'lstm' else None}, got {got}")
+
+    # -- forward --------------------------------------------------------------------
+    def input_table(self):
+        """(V, G*H) layer-0 input projection of every token: encoder @ W_ih0.T + b_ih0."""
+        p = self.params
+        return p["encoder.weight"] @ p["rnn.weight_ih_l0"].T + p["rnn.bias_ih_l0"]
+
+    def forward(self, ids, state: State, train: bool = False, rng=None, table=None):
+        """ids (T,B) int; state -> logits (T,B,V), final State, cache for backward.
+        train=True applies dropout (drawn from `rng`, a numpy Generator)."""
+        self._check_inputs(ids, state)
+        cfg, p, be = self.cfg, self.params, self.backend
+        T, B = ids.shape
+        H, GH, L = cfg.hidden, cfg.gates * cfg.hidden, cfg.layers
+        drop = train and cfg.dropout > 0
+        rec_drop = train and cfg.rec_dropout > 0
+        if (drop or rec_drop) and rng is None:
+            raise ValueError("rng: a numpy Generator is required when training with dropout")
+        flat_ids = be.asarray(ids.reshape(-1), np.int64)
+        if table is None:
+            table = self.input_table()
+        x = None  # (T,B,H) input of the current layer (layers >= 1)
+        layers, h_out, c_out = [], [], []
+        for k in range(L):
+            if k == 0:
+                xp = be.gather_rows(table, flat_ids).reshape(T, B, GH)
+            else:
+                xp = (x.reshape(T * B, H) @ p[f"rnn.weight_ih_l{k}"].T + p[f"rnn.bias_ih_l{k}"]).reshape(T, B, GH)
+            hmask = be.asarray(_dropout_mask(rng, (B, H), cfg.rec_dropout, self.dtype)) if rec_drop else None
+            c0 = state.c[k] if state.c is not None else None
+            hs, hT, cT, lc = be.layer_forward(cfg.cell, xp, p[f"rnn.weight_hh_l{k}"], p[f"rnn.bias_hh_l{k}"],
+                                              state.h[k], c0, hmask)
+            h_out.append(hT)
+            c_out.append(cT)
+            y = hs + x if (cfg.residual and k > 0) else hs  # (T,B,H)
+            dmask = be.asarray(_dropout_mask(rng, (T, B, H), cfg.dropout, self.dtype)) if drop else None
+            layers.append((x, lc, dmask))
+            x = y * dmask if dmask is not None else y
+        logits = x.reshape(T * B, H) @ p["decoder.weight"].T + p["decoder.bias"]  # (N,V)
+        xpm = be.xp
+        new_state = State(xpm.stack(h_out), xpm.stack(c_out) if cfg.cell == "lstm" else None)
+        cache = {"ids": flat_ids, "T": T, "B": B, "top": x, "layers": layers}
+        return logits.reshape(T, B, cfg.vocab_size), new_state, cache
+
+    # -- loss -----------------------------------------------------------------------
+    def loss(self, logits, targets, mask=None):
+        """logits (T,B,V); targets (T,B) int; mask (T,B) float or None ->
+        (mean loss over valid positions in nats, dlogits (T,B,V), number of valid positions)."""
+        T, B, V = logits.shape
+        if tuple(targets.shape) != (T, B):
+            raise ValueError(f"targets: expected shape {(T, B)}, got {tuple(targets.shape)}")
+        be = self.backend
+        if mask is None:
+            m = be.xp.ones(T * B, self.dtype)
+        else:
+            if tuple(mask.shape) != (T, B):
+                raise ValueError(f"mask: expected shape {(T, B)}, got {tuple(mask.shape)}")
+            m = be.asarray(mask.reshape(-1), self.dtype)
+        n = float(m.sum())
+        if n <= 0:
+            raise ValueError("mask: no valid positions")
+        total, dl = be.softmax_xent(logits.reshape(T * B, V), be.asarray(targets.reshape(-1), np.int64), m, 1.0 / n)
+        return total / n, dl.reshape(T, B, V), n
+
+    # -- backward -------------------------------------------------------------------
+    def backward(self, cache, dlogits) -> dict:
+        """dlogits (T,B,V) -> gradient of every parameter (same names and shapes)."""
+        cfg, p, be = self.cfg, self.params, self.backend
+        T, B = cache["T"], cache["B"]
+        H, V = cfg.hidden, cfg.vocab_size
+        dl = dlogits.reshape(T * B, V)
+        top = cache["top"].reshape(T * B, H)
+        g = {"decoder.weight": dl.T @ top, "decoder.bias": dl.sum(axis=0)}
+        dy = (dl @ p["decoder.weight"]).reshape(T, B, H)  # dL/d(output of the top layer)
+        for k in range(cfg.layers - 1, -1, -1):
+            x, lc, dmask = cache["layers"][k]
+            if dmask is not None:
+                dy = dy * dmask
+            dxp, dw_hh, db_hh, _, _ = be.layer_backward(lc, dy, p[f"rnn.weight_hh_l{k}"])
+            g[f"rnn.weight_hh_l{k}"] = dw_hh
+            g[f"rnn.bias_hh_l{k}"] = db_hh
+            GH = dxp.shape[2]
+            dxp2 = dxp.reshape(T * B, GH)
+            if k > 0:
+                g[f"rnn.weight_ih_l{k}"] = dxp2.T @ x.reshape(T * B, H)
+                g[f"rnn.bias_ih_l{k}"] = dxp2.sum(axis=0)
+                dx = (dxp2 @ p[f"rnn.weight_ih_l{k}"]).reshape(T, B, H)
+                dy = dx + dy if cfg.residual else dx  # residual: y = h + x
+            else:
+                dtable = be.scatter_add_rows(cache["ids"], dxp2, V)  # (V, G*H)
+                g["encoder.weight"] = dtable @ p["rnn.weight_ih_l0"]
+                g["rnn.weight_ih_l0"] = dtable.T @ p["encoder.weight"]
+                g["rnn.bias_ih_l0"] = dtable.sum(axis=0)
+        return {n: g[n] for n in p}
+
+    # -- conveniences -----------------------------------------------------------------
+    def num_params(self) -> int:
+        return int(sum(int(np.prod(a.shape)) for a in self.params.values()))
+
+    def host_params(self) -> dict[str, np.ndarray]:
+        return {n: self.backend.to_numpy(a) for n, a in self.params.items()}
+
+
+__all__ = ["CharRNN", "State", "param_shapes", "init_params"]
