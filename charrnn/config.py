@@ -105,6 +105,28 @@ class TrainConfig:
         return self
 
 
+@dataclass
+class SampleConfig:
+    length: int = 1000  # characters to generate
+    temperature: float = 0.8  # divide logits by this (lower: safer, higher: wilder)
+    top_k: int = 0  # keep only the k most likely tokens (0: all)
+    top_p: float = 1.0  # keep the smallest set of tokens with this much probability (1: all)
+    prime: str = ""  # text to condition on (echoed first)
+    seed: int | None = None  # same seed, same text (None: fresh entropy)
+    argmax: bool = False  # always take the most likely token (greedy)
+
+    def validate(self) -> "SampleConfig":
+        if self.length < 0:
+            raise ValueError(f"length must be >= 0, got {self.length}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top-k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
+        return self
+
+
 def to_dict(cfg) -> dict:
     return asdict(cfg)
 

@@ -163,6 +163,12 @@ def sample_logits(logits, temperature, top_k, top_p, u):
     return int(order[min(j, keep - 1)])
 
 
+def sample_rows(logits, temperature, top_k, top_p, u, out):
+    """logits (B,V); u (B,) uniforms -> out (B,) ids, each row drawn as sample_logits."""
+    for b in range(logits.shape[0]):
+        out[b] = sample_logits(logits[b], temperature, top_k, top_p, u[b])
+
+
 # ---------------------------------------------------------------- optimizer
 
 

@@ -1,0 +1,121 @@
+"""Finding and loading checkpoints: run directories, the shipped models, model + vocab.
+
+A run directory (`checkpoints/<corpus>/` by default) holds `best.safetensors`,
+`latest.safetensors` and `metrics.jsonl`. The shipped models are single files,
+`checkpoints/names/model.safetensors` and `checkpoints/shakespeare/model.safetensors`, beside
+the package in the repository.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from charrnn import checkpoint
+from charrnn.checkpoint import CheckpointError
+from charrnn.config import ModelConfig, TrainConfig, from_dict
+from charrnn.model import CharRNN
+from charrnn.vocab import Vocab
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+SHIPPED = {"names": SHIPPED_DIR / "names" / "model.safetensors",
+           "shakespeare": SHIPPED_DIR / "shakespeare" / "model.safetensors"}
+
+
+def run_checkpoint(run_dir: Path, prefer: str = "best") -> Path:
+    """The checkpoint file of a run directory: best (for using) or latest (for resuming)."""
+    order = ["best", "latest"] if prefer == "best" else ["latest", "best"]
+    for name in order:
+        p = Path(run_dir) / f"{name}.safetensors"
+        if p.is_file():
+            return p
+    raise CheckpointError(f"{run_dir} holds no best.safetensors or latest.safetensors; "
+                          "hint: pass a run directory made by `charrnn train` or a checkpoint file")
+
+
+def newest_run(root: Path = Path("checkpoints")) -> Path | None:
+    """The most recently written run checkpoint under `root`, if any."""
+    if not root.is_dir():
+        return None
+    found = [p for p in root.glob("**/*.safetensors") if p.name in ("best.safetensors", "latest.safetensors")]
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def resolve(path: str | None, default: str) -> Path:
+    """-c value -> checkpoint file. None: newest run under ./checkpoints (default='run'), then
+    the shipped model named by `default` ('shakespeare' falls back to 'names')."""
+    if path:
+        p = Path(path)
+        return run_checkpoint(p) if p.is_dir() else p
+    if default == "run":
+        found = newest_run()
+        if found is not None:
+            return found
+        default = "shakespeare"
+    candidates = [SHIPPED[default]] + ([SHIPPED["names"]] if default == "shakespeare" else [])
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise CheckpointError("no checkpoint found (no run under ./checkpoints and no shipped model); "
+                          "hint: train one with `charrnn train CORPUS` or pass -c FILE")
+
+
+def run_meta(model_cfg: ModelConfig, data, command: str) -> dict:
+    """The checkpoint metadata that describes a run: model, vocabulary, corpus, command.
+    `vocab` is a plain list (index = id; specials spelled out and named in `specials`) so
+    other tools can read it without charrnn."""
+    from charrnn import __version__
+
+    vocab = data.vocab.to_dict()
+    return {
+        "model": asdict(model_cfg),
+        "vocab": vocab["tokens"],
+        "vocab_kind": vocab["kind"],
+        "specials": vocab["specials"],
+        "corpus": {"paths": [str(Path(p).resolve()) for p in data.paths], "fingerprint": data.fingerprint},
+        "command": command,
+        "charrnn_version": __version__,
+    }
+
+
+def vocab_from_meta(meta: dict) -> Vocab:
+    return Vocab.from_dict({"kind": meta.get("vocab_kind", "text"), "tokens": meta["vocab"],
+                            "specials": meta.get("specials", {})})
+
+
+class Loaded:
+    """A checkpoint made usable: model, vocab, configs, metadata and its extra tensors."""
+
+    def __init__(self, path: Path, device: str = "cpu", backend=None):
+        from charrnn.backend import get_backend
+
+        tensors, meta = checkpoint.load(path)
+        try:
+            self.model_cfg = from_dict(ModelConfig, meta["model"])
+            self.vocab = vocab_from_meta(meta)
+            train = meta.get("train", {})
+            self.train_cfg = from_dict(TrainConfig, train.get("config", {}))
+            self.train_meta = train
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path} has incomplete charrnn metadata ({e}); "
+                                  "hint: the file is damaged; use another checkpoint") from None
+        self.path, self.meta = Path(path), meta
+        self.lines = bool(self.train_cfg.lines)
+        names = [n for n in tensors if not n.startswith(("train.", "data."))]
+        params = {n: tensors[n] for n in names}
+        try:
+            self.model = CharRNN(self.model_cfg, params=params,
+                                 backend=backend or get_backend(device))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}; hint: the file does not match its own config") from None
+        self.tensors = {n: t for n, t in tensors.items() if n not in params}
+
+    @property
+    def seen(self) -> set[str]:
+        """Training lines (names models): what the novelty filter rejects."""
+        t = self.tensors.get("data.seen")
+        if t is None:
+            return set()
+        return set(np.asarray(t, np.uint8).tobytes().decode("utf-8").split("\n"))

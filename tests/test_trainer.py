@@ -1,0 +1,115 @@
+"""Trainer: it learns, resumes bit-exactly, survives bad steps, and reports through callbacks."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from charrnn import checkpoint
+from charrnn.backend import get_backend
+from charrnn.config import ModelConfig, TrainConfig
+from charrnn.dataset import build_dataset
+from charrnn.model import CharRNN
+from charrnn.runs import Loaded, run_meta
+from charrnn.trainer import Trainer
+
+
+def _make(tmp_path, text, mcfg, tcfg, run="run", backend="cpu"):
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_text(text)
+    data = build_dataset([corpus], tcfg)
+    mcfg.vocab_size = len(data.vocab)
+    model = CharRNN(mcfg, backend=get_backend(backend), seed=tcfg.seed)
+    return Trainer(model, data, tcfg, tmp_path / run, run_meta(mcfg, data, "test"))
+
+
+def test_loss_on_repetitive_corpus_falls_below_0_1(tmp_path):
+    text = "the quick brown fox jumps over the lazy dog. " * 5  # ~200 chars, period 45
+    mcfg = ModelConfig(cell="lstm", embed=16, hidden=64, layers=1)
+    tcfg = TrainConfig(batch_size=4, seq_len=20, lr=1e-2, steps=300, warmup=10, eval_every=100,
+                       val_frac=0.0, schedule="constant", seed=0)
+    tr = _make(tmp_path, text, mcfg, tcfg)
+    tr.run()
+    lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["train_loss"] > 2.0
+    assert lines[-1]["train_loss"] < 0.1
+    assert set(lines[-1]) == {"step", "epoch", "train_loss", "val_loss", "lr", "grad_norm", "chars_per_s",
+                              "elapsed_s"}
+
+
+@pytest.mark.parametrize("cell,lines", [("lstm", False), ("gru", True)])
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, cell, lines):
+    rng = np.random.default_rng(0)
+    if lines:
+        text = "\n".join("".join(rng.choice(list("abcde"), rng.integers(2, 8))) for _ in range(300))
+    else:
+        text = "".join(rng.choice(list("abcdefgh \n"), 3000))
+    mcfg = ModelConfig(cell=cell, embed=8, hidden=16, layers=2, dropout=0.1, rec_dropout=0.1, residual=True)
+
+    def tcfg():
+        return TrainConfig(batch_size=4, seq_len=12, steps=24, eval_every=8, warmup=3, lines=lines, seed=5)
+
+    full = _make(tmp_path, text, ModelConfig(**vars(mcfg)), tcfg(), run="full")
+    full.run()
+
+    part = _make(tmp_path, text, ModelConfig(**vars(mcfg)), tcfg(), run="part")
+    part.callback = lambda ev: part.request_stop() if ev["kind"] == "log" and ev["step"] == 13 - 3 else None
+    assert part.run() == "interrupted"
+    assert part.step in range(10, 14)
+
+    loaded = Loaded(tmp_path / "part" / "latest.safetensors")
+    data = build_dataset([tmp_path / "corpus.txt"], loaded.train_cfg, vocab=loaded.vocab)
+    resumed = Trainer(loaded.model, data, loaded.train_cfg, tmp_path / "part", part.meta)
+    resumed.restore(loaded.tensors, loaded.train_meta)
+    assert resumed.run() == "done"
+    for name, p in full.model.params.items():
+        np.testing.assert_array_equal(resumed.model.params[name], p, err_msg=name)
+    # metrics of the resumed run continue the same curve without duplicated steps
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 24
+
+
+def test_non_finite_step_is_skipped_and_lr_lowered(tmp_path):
+    text = "abcabcabd " * 60
+    mcfg = ModelConfig(embed=4, hidden=8, layers=1)
+    tcfg = TrainConfig(batch_size=2, seq_len=8, steps=6, eval_every=3, warmup=1, schedule="constant", seed=0)
+    tr = _make(tmp_path, text, mcfg, tcfg)
+    events = []
+    tr.callback = events.append
+    real_backward = tr.model.backward
+    calls = {"n": 0}
+
+    def poisoned(cache, dl):
+        calls["n"] += 1
+        grads = real_backward(cache, dl)
+        if calls["n"] == 3:  # one bad step in the middle of the run
+            grads["decoder.bias"][0] = np.nan
+            before.update({n: p.copy() for n, p in tr.model.params.items()})
+        return grads
+
+    before = {}
+    tr.model.backward = poisoned
+    tr.run()
+    rollbacks = [e for e in events if e["kind"] == "rollback"]
+    assert len(rollbacks) == 1 and rollbacks[0]["lr_scale"] == 0.5
+    assert tr.step == 6 and tr.lr_scale == 0.5
+    assert all(np.isfinite(p).all() for p in tr.model.params.values())
+    assert calls["n"] == 7  # the bad step was redone with a fresh batch
+
+
+def test_checkpoints_hold_training_state_and_best(tmp_path):
+    text = "".join(np.random.default_rng(1).choice(list("xyz \n"), 2000))
+    mcfg = ModelConfig(embed=4, hidden=8, layers=1)
+    tcfg = TrainConfig(batch_size=4, seq_len=10, steps=20, eval_every=10, seed=0)
+    tr = _make(tmp_path, text, mcfg, tcfg)
+    tr.run()
+    tensors, meta = checkpoint.load(tmp_path / "run" / "latest.safetensors")
+    assert meta["format_version"] == checkpoint.FORMAT_VERSION
+    assert meta["model"]["hidden"] == 8 and meta["vocab"] == tr.data.vocab.to_dict()["tokens"]
+    assert meta["train"]["step"] == 20 and meta["train"]["config"]["steps"] == 20
+    assert any(k.startswith("train.adam.m.") for k in tensors)
+    assert tensors["train.state.h"].shape == (1, 4, 8)
+    best = checkpoint.read_meta(tmp_path / "run" / "best.safetensors")
+    assert math.isclose(best["train"]["best_val"], tr.best_val)
