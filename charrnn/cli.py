@@ -1,0 +1,448 @@
+"""The `charrnn` command line: train | sample | names | eval | score | info | export.
+
+The only module that prints. Data (samples, names, JSON) goes to stdout; progress and
+messages go to stderr. Every expected failure ends in `fail()`: one line on stderr, exit 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shlex
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from charrnn import __version__
+from charrnn.checkpoint import CheckpointError
+from charrnn.config import ModelConfig, SampleConfig, TrainConfig
+from charrnn.data import CorpusError
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+LN2 = math.log(2)
+
+
+class UserError(Exception):
+    """A problem the user can fix; its message is shown as one line."""
+
+
+def fail(message: str, code: int = 1):
+    err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    sys.exit(code)
+
+
+class Group(click.Group):
+    """Turns the library's expected exceptions into one-line errors, and ends quietly when
+    a reader closes the pipe (`charrnn sample | head`)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (UserError, CorpusError, CheckpointError, ValueError) as e:
+            fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # nothing more can be written; flush quietly
+            sys.exit(0)
+        except OSError as e:
+            fail(f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e))
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="charrnn")
+def main():
+    """Character-level RNN text generator: train LSTM/GRU/RNN models, sample text, make names."""
+
+
+def _device_option(f):
+    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                        show_default=True, help="where to run")(f)
+
+
+def _ckpt_option(f):
+    return click.option("-c", "--checkpoint", "ckpt", default=None,
+                        help="checkpoint file or run directory (default: newest run, else the shipped model)")(f)
+
+
+def _load(ckpt, device, default):
+    from charrnn.runs import Loaded, resolve
+
+    return Loaded(resolve(ckpt, default), device if device != "auto" else _auto_device())
+
+
+def _auto_device():
+    from charrnn.backend import cuda_usable
+
+    return "cuda" if cuda_usable() else "cpu"
+
+
+def _out(text: str):
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------------- train
+# Options that may change when a run is resumed; everything else is fixed by the run.
+RESUMABLE = {"steps", "eval_every", "patience", "device"}
+
+
+@main.command()
+@click.argument("corpus", nargs=-1, type=click.Path())
+@click.option("--cell", type=click.Choice(["lstm", "gru", "rnn"]), default=ModelConfig.cell, show_default=True)
+@click.option("--layers", type=int, default=ModelConfig.layers, show_default=True)
+@click.option("--hidden", type=int, default=ModelConfig.hidden, show_default=True)
+@click.option("--embed", type=int, default=ModelConfig.embed, show_default=True)
+@click.option("--dropout", type=float, default=ModelConfig.dropout, show_default=True)
+@click.option("--rec-dropout", type=float, default=ModelConfig.rec_dropout, show_default=True)
+@click.option("--residual/--no-residual", default=ModelConfig.residual, show_default=True)
+@click.option("--batch-size", type=int, default=TrainConfig.batch_size, show_default=True)
+@click.option("--seq-len", type=int, default=TrainConfig.seq_len, show_default=True)
+@click.option("--lr", type=float, default=TrainConfig.lr, show_default=True)
+@click.option("--optimizer", type=click.Choice(["adam", "adamw"]), default=TrainConfig.optimizer, show_default=True)
+@click.option("--weight-decay", type=float, default=TrainConfig.weight_decay, show_default=True)
+@click.option("--grad-clip", type=float, default=TrainConfig.grad_clip, show_default=True)
+@click.option("--schedule", type=click.Choice(["constant", "step", "cosine"]), default=TrainConfig.schedule,
+              show_default=True)
+@click.option("--warmup", type=int, default=TrainConfig.warmup, show_default=True)
+@click.option("--steps", type=int, default=TrainConfig.steps, show_default=True,
+              help="total optimizer steps of the run (with --resume: continue up to this)")
+@click.option("--epochs", type=float, default=TrainConfig.epochs, help="passes over the data (overrides --steps)")
+@click.option("--val-frac", type=float, default=TrainConfig.val_frac, show_default=True)
+@click.option("--test-frac", type=float, default=TrainConfig.test_frac, show_default=True)
+@click.option("--test-count", type=int, default=TrainConfig.test_count, help="lines mode: exact test lines")
+@click.option("--split-seed", type=int, default=TrainConfig.split_seed, show_default=True)
+@click.option("--eval-every", type=int, default=TrainConfig.eval_every, show_default=True)
+@click.option("--eval-max-chars", type=int, default=TrainConfig.eval_max_chars,
+              help="cap validation characters per eval (0: all)")
+@click.option("--patience", type=int, default=TrainConfig.patience, help="early stopping after N evals without gain")
+@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
+@click.option("--lines/--no-lines", default=None, help="one example per line (default: detect)")
+@click.option("--encoding", default=TrainConfig.encoding, show_default=True, help="text encoding, or 'bytes'")
+@click.option("--max-vocab", type=int, default=TrainConfig.max_vocab, help="keep the N most frequent characters")
+@_device_option
+@click.option("--out", type=click.Path(), default=None, help="run directory (default: checkpoints/<corpus>)")
+@click.option("--resume", type=click.Path(), default=None, help="continue the run in this directory")
+@click.pass_context
+def train(ctx, corpus, out, resume, **opts):
+    """Train a model on CORPUS (one or more text files)."""
+    from charrnn.trainer import Trainer, TrainingDiverged
+
+    given = {k for k in opts if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    if resume:
+        trainer, run_dir = _resume(resume, corpus, opts, given)
+    else:
+        trainer, run_dir = _new_run(corpus, out, opts)
+    cfg = trainer.cfg
+    err.print(f"run [bold]{run_dir}[/]: {trainer.model.cfg.cell} {trainer.model.cfg.layers}x{trainer.model.cfg.hidden}, "
+              f"{trainer.model.num_params():,} parameters, vocab {len(trainer.data.vocab)}, "
+              f"device {trainer.model.backend.name}, steps {trainer.step} -> {cfg.steps}", markup=True)
+    from charrnn.progress import Reporter
+
+    reporter = Reporter(err, live=err.is_terminal)
+    trainer.callback = reporter
+    try:
+        reason = trainer.run()
+    except TrainingDiverged as e:
+        reporter.close()
+        fail(str(e))
+    finally:
+        reporter.close()
+    resume_cmd = f"charrnn train --resume {shlex.quote(str(run_dir))}"
+    if reason == "interrupted":
+        err.print(f"interrupted at step {trainer.step}; saved {run_dir / 'latest.safetensors'}\n"
+                  f"resume with: {resume_cmd}")
+        sys.exit(130)
+    best = trainer.best_val
+    msg = "stopped early (no val gain)" if reason == "early_stop" else "done"
+    err.print(f"{msg} at step {trainer.step}; best val loss "
+              f"{'-' if math.isinf(best) else f'{best:.4f} nats/char ({best / LN2:.4f} bits)'}; "
+              f"checkpoints in {run_dir}\nsample with: charrnn sample -c {shlex.quote(str(run_dir))}")
+
+
+def _configs(opts):
+    mfields = {f.name for f in fields(ModelConfig)}
+    tfields = {f.name for f in fields(TrainConfig)}
+    mcfg = ModelConfig(**{k: v for k, v in opts.items() if k in mfields})
+    tcfg = TrainConfig(**{k: v for k, v in opts.items() if k in tfields and v is not None})
+    return mcfg, tcfg
+
+
+def _fresh_dir(base: Path) -> Path:
+    """base, or base-2, base-3, ... : never overwrite an existing run."""
+    if not base.exists() or not any(base.iterdir()):
+        return base
+    n = 2
+    while Path(f"{base}-{n}").exists():
+        n += 1
+    return Path(f"{base}-{n}")
+
+
+def _new_run(corpus, out, opts):
+    from charrnn.backend import get_backend
+    from charrnn.dataset import build_dataset, detect_lines
+    from charrnn.model import CharRNN
+    from charrnn.runs import run_meta
+    from charrnn.trainer import Trainer
+
+    if not corpus:
+        raise UserError("no corpus given; usage: charrnn train CORPUS.txt [MORE.txt ...]")
+    mcfg, tcfg = _configs(opts)
+    tcfg.validate()
+    for p in corpus:
+        if not Path(p).exists():
+            raise UserError(f"corpus file not found: {p}")
+    if opts["lines"] is None:
+        tcfg.lines = detect_lines(list(corpus), tcfg.encoding)
+        if tcfg.lines:
+            err.print("detected a list of short lines: training one example per line (--no-lines to treat it as prose)")
+    run_dir = Path(out) if out else _fresh_dir(Path("checkpoints") / Path(corpus[0]).stem)
+    data = build_dataset(corpus, tcfg, cache=run_dir / "corpus.ids")
+    mcfg.vocab_size = len(data.vocab)
+    mcfg.validate()
+    backend = get_backend(tcfg.device)
+    if tcfg.epochs > 0:
+        per_epoch = data.train_targets / (tcfg.batch_size * (1 if tcfg.lines else tcfg.seq_len))
+        if tcfg.lines:  # a batch holds B lines, not B*T characters
+            per_epoch = math.ceil(len(data.train) / tcfg.batch_size)
+        tcfg.steps = max(1, math.ceil(tcfg.epochs * per_epoch))
+    model = CharRNN(mcfg, backend=backend, seed=tcfg.seed)
+    meta = run_meta(mcfg, data, shlex.join(["charrnn", *sys.argv[1:]]))
+    return Trainer(model, data, tcfg, run_dir, meta), run_dir
+
+
+def _resume(resume, corpus, opts, given):
+    from charrnn.dataset import build_dataset
+    from charrnn.runs import Loaded, run_checkpoint
+    from charrnn.trainer import Trainer
+
+    fixed = sorted(given - RESUMABLE)
+    if fixed:
+        raise UserError(f"--{fixed[0].replace('_', '-')} cannot change when resuming; "
+                        f"only --steps, --eval-every, --patience and --device can")
+    run_dir = Path(resume)
+    if not run_dir.is_dir():
+        raise UserError(f"no run directory at {run_dir}; pass the directory given by `charrnn train`")
+    device = opts["device"] if "device" in given else None
+    loaded = Loaded(run_checkpoint(run_dir, prefer="latest"), device or "cpu")
+    tcfg = loaded.train_cfg
+    for k in given & RESUMABLE:
+        setattr(tcfg, k, opts[k])
+    if device is None:
+        tcfg.device = tcfg.device
+    tcfg.validate()
+    paths = list(corpus) or loaded.meta["corpus"]["paths"]
+    data = build_dataset(paths, tcfg, vocab=loaded.vocab, cache=run_dir / "corpus.ids")
+    if data.fingerprint != loaded.meta["corpus"]["fingerprint"]:
+        raise UserError(f"the corpus changed since this run started ({', '.join(paths)}); "
+                        "resume needs the same files, or start a new run")
+    meta = {k: v for k, v in loaded.meta.items() if k not in ("train", "format_version")}
+    trainer = Trainer(loaded.model, data, tcfg, run_dir, meta)
+    trainer.restore(loaded.tensors, loaded.train_meta)
+    if trainer.step >= tcfg.steps:
+        raise UserError(f"this run already reached step {trainer.step}; pass --steps N (> {trainer.step}) to continue")
+    return trainer, run_dir
+
+
+# ---------------------------------------------------------------------------------- sample
+@main.command()
+@_ckpt_option
+@click.option("-n", "--length", type=int, default=SampleConfig.length, show_default=True, help="characters to generate")
+@click.option("-t", "--temp", "temps", type=float, multiple=True,
+              help="temperature (repeat for one labelled sample each)  [default: 0.8]")
+@click.option("--top-k", type=int, default=0, help="sample from the k most likely characters (0: all)")
+@click.option("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this probability")
+@click.option("--argmax", is_flag=True, help="always take the most likely character")
+@click.option("--prime", default="", help="text to start from (printed first)")
+@click.option("--seed", type=int, default=None, help="same seed, same text")
+@_device_option
+def sample(ckpt, length, temps, top_k, top_p, argmax, prime, seed, device):
+    """Stream generated text from a checkpoint."""
+    from charrnn.sampler import generate
+
+    temps = temps or (SampleConfig.temperature,)
+    cfgs = [SampleConfig(length, t, top_k, top_p, prime, seed, argmax).validate() for t in temps]
+    run = _load(ckpt, device, "run")
+    prime = prime.replace("\\n", "\n")
+    for i, cfg in enumerate(cfgs):
+        cfg.prime = prime
+        if len(cfgs) > 1:
+            _out(("\n" if i else "") + f"--- temperature {cfg.temperature:g} ---\n")
+        _out(prime)
+        for piece in generate(run.model, run.vocab, cfg, lines=run.lines):
+            _out(piece)
+        _out("\n")
+
+
+# ---------------------------------------------------------------------------------- names
+@main.command()
+@_ckpt_option
+@click.option("-n", "count", type=int, default=20, show_default=True, help="how many names")
+@click.option("-t", "--temp", type=float, default=0.8, show_default=True, help="temperature")
+@click.option("--top-k", type=int, default=0)
+@click.option("--top-p", type=float, default=1.0)
+@click.option("--seed", type=int, default=None, help="same seed, same names")
+@click.option("--min-len", type=int, default=2, show_default=True)
+@click.option("--max-len", type=int, default=16, show_default=True)
+@click.option("--start", default="", help="every name starts with this")
+@click.option("--contains", default="", help="every name contains this")
+@click.option("--allow-seen", is_flag=True, help="keep names that are in the training list")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "csv"]), default="text", show_default=True)
+@_device_option
+def names(ckpt, count, temp, top_k, top_p, seed, min_len, max_len, start, contains, allow_seen, fmt, device):
+    """Generate new first names (from the shipped model unless -c is given)."""
+    from charrnn.names import NameFilter, generate_names
+
+    SampleConfig(temperature=temp, top_k=top_k, top_p=top_p).validate()
+    run = _load(ckpt, device, "names")
+    if not run.lines:
+        raise UserError(f"{run.path} is a prose model; `names` needs a model trained with --lines")
+    lower = not any(t.isupper() for t in run.vocab.tokens if len(t) == 1)
+    if lower:  # a lower-case list: accept "Al" for "al", print "Alba"
+        start, contains = start.lower(), contains.lower()
+    flt = NameFilter(min_len, max_len, start, contains, allow_seen)
+    found = generate_names(run.model, run.vocab, count, flt, run.seen, temp, top_k, top_p, seed)
+    shown = [s.title() for s in found] if lower else found
+    if fmt == "json":
+        _out(json.dumps(shown) + "\n")
+    elif fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["name"])
+        w.writerows([s] for s in shown)
+        _out(buf.getvalue())
+    else:
+        _out("".join(s + "\n" for s in shown))
+    if len(found) < count:
+        err.print(f"only {len(found)} of {count} names passed the filters; loosen --min-len/--max-len/"
+                  "--start/--contains or raise --temp")
+
+
+# ---------------------------------------------------------------------------------- eval
+@main.command("eval")
+@_ckpt_option
+@click.argument("file", required=False, type=click.Path())
+@click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True,
+              help="without FILE: which split of the run's corpus")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--seq-len", type=int, default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
+@_device_option
+def eval_cmd(ckpt, file, split, batch_size, seq_len, as_json, device):
+    """Loss in nats/char and bits/char on FILE, or on the run's validation/test split."""
+    from charrnn.dataset import build_dataset
+    from charrnn.evaluate import evaluate_lines, evaluate_stream
+
+    run = _load(ckpt, device, "run")
+    cfg = run.train_cfg
+    if file:
+        cfg.val_frac, cfg.test_frac, cfg.test_count = 0.0, 0.0, 0
+        data = build_dataset([file], cfg, vocab=run.vocab)
+        ids, source = data.train, file
+    else:
+        paths = run.meta.get("corpus", {}).get("paths", [])
+        if not paths or not all(Path(p).is_file() for p in paths):
+            raise UserError(f"the run's corpus ({', '.join(paths) or 'unknown'}) is not available; pass FILE")
+        data = build_dataset(paths, cfg, vocab=run.vocab)
+        ids, source = getattr(data, split), f"{split} split of {', '.join(paths)}"
+    if run.lines:
+        loss, n = evaluate_lines(run.model, ids, run.vocab.eos_id)
+    else:
+        loss, n = evaluate_stream(run.model, ids, batch_size, seq_len)
+    result = {"checkpoint": str(run.path), "source": source, "nats_per_char": loss, "bits_per_char": loss / LN2,
+              "tokens": n}
+    if as_json:
+        _out(json.dumps(result) + "\n")
+    else:
+        _out(f"{source}: {loss:.4f} nats/char, {loss / LN2:.4f} bits/char over {n:,} predicted tokens\n")
+
+
+# ---------------------------------------------------------------------------------- score
+@main.command()
+@_ckpt_option
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
+@_device_option
+def score(ckpt, texts, as_json, device):
+    """Log-likelihood of each TEXT (rank candidate names: higher is more likely)."""
+    from charrnn.evaluate import score_text
+
+    run = _load(ckpt, device, "run")
+    lower = run.lines and not any(t.isupper() for t in run.vocab.tokens if len(t) == 1)
+    rows = [score_text(run.model, run.vocab, t.lower() if lower else t, run.lines) for t in texts]
+    if as_json:
+        _out(json.dumps({"checkpoint": str(run.path), "scores": rows}) + "\n")
+        return
+    width = max(len(r["text"]) for r in rows)
+    for r in rows:
+        _out(f"{r['text']:<{width}}  logprob {r['logprob']:9.3f}  {r['nats_per_token']:.3f} nats/char"
+             f"  ({r['tokens']} tokens)\n")
+
+
+# ---------------------------------------------------------------------------------- info
+@main.command()
+@_ckpt_option
+@click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
+def info(ckpt, as_json):
+    """Summarise a checkpoint: config, parameters, vocabulary, step, losses, command."""
+    run = _load(ckpt, "cpu", "run")
+    t = run.train_meta
+    summary = {
+        "checkpoint": str(run.path),
+        "format_version": run.meta.get("format_version"),
+        "model": asdict(run.model_cfg),
+        "parameters": run.model.num_params(),
+        "vocab_size": len(run.vocab),
+        "vocab": "".join(tok if len(tok) == 1 else "" for tok in run.vocab.tokens),
+        "specials": run.meta.get("specials", {}),
+        "mode": "lines" if run.lines else "stream",
+        "step": t.get("step"),
+        "epoch": t.get("epoch"),
+        "best_val": t.get("best_val"),
+        "elapsed_s": t.get("elapsed_s"),
+        "train": t.get("config", {}),
+        "command": run.meta.get("command"),
+        "corpus": run.meta.get("corpus"),
+    }
+    if as_json:
+        _out(json.dumps(summary) + "\n")
+        return
+    m = summary["model"]
+    best = summary["best_val"]
+    lines = [
+        f"checkpoint  {summary['checkpoint']} (format {summary['format_version']})",
+        f"model       {m['cell']} {m['layers']}x{m['hidden']}, embed {m['embed']}, dropout {m['dropout']}, "
+        f"rec-dropout {m['rec_dropout']}, residual {m['residual']}",
+        f"parameters  {summary['parameters']:,}",
+        f"vocab       {summary['vocab_size']} tokens ({summary['mode']} mode): {summary['vocab']!r}",
+        f"trained     step {summary['step']}, epoch {summary['epoch'] or 0:.2f}, "
+        f"{(summary['elapsed_s'] or 0) / 60:.1f} min",
+        f"best val    {'-' if best is None else f'{best:.4f} nats/char ({best / LN2:.4f} bits)'}",
+        f"command     {summary['command']}",
+    ]
+    _out("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------- export
+@main.command()
+@click.argument("source", type=click.Path())
+@click.argument("dest", type=click.Path())
+@click.option("--half/--no-half", default=True, show_default=True, help="store weights as float16")
+def export(source, dest, half):
+    """Copy a checkpoint without its training state (for sharing or shipping)."""
+    from charrnn import checkpoint
+    from charrnn.runs import Loaded, resolve
+
+    run = Loaded(resolve(source, "run"), "cpu")
+    tensors = run.model.host_params()
+    if "data.seen" in run.tensors:
+        tensors["data.seen"] = run.tensors["data.seen"]
+    meta = {k: v for k, v in run.meta.items() if k != "format_version"}
+    meta["train"] = {k: v for k, v in run.train_meta.items() if k not in ("batcher", "rng", "norm_avg")}
+    checkpoint.save(dest, tensors, meta, half=half)
+    err.print(f"wrote {dest} ({Path(dest).stat().st_size / 1e6:.2f} MB)")

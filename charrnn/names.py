@@ -1,0 +1,93 @@
+"""Names mode: batched generation of new names from a lines model, with filters.
+
+All candidates of a round advance together, one model call per character position for the
+whole batch (never one call per name). A candidate ends at the end token; candidates that
+are too long, too short, lack the wanted substring, repeat an earlier result or, unless
+allowed, appear in the training list are dropped, and rounds continue until enough names
+pass or the attempt budget is spent.
+
+Dimension letters: T=time, B=batch (candidates in a round), V=vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class NameFilter:
+    min_len: int = 2  # shortest name kept (characters)
+    max_len: int = 16  # longest name kept (characters)
+    start: str = ""  # every name begins with this prefix
+    contains: str = ""  # every name contains this substring
+    allow_seen: bool = False  # keep names that occur in the training list
+
+    def validate(self) -> "NameFilter":
+        if self.min_len < 1:
+            raise ValueError(f"min-len must be >= 1, got {self.min_len}")
+        if self.max_len < self.min_len:
+            raise ValueError(f"max-len ({self.max_len}) must be >= min-len ({self.min_len})")
+        if len(self.start) > self.max_len:
+            raise ValueError(f"start {self.start!r} is longer than max-len ({self.max_len})")
+        return self
+
+    def accepts(self, name: str, seen: set[str]) -> bool:
+        return (self.min_len <= len(name) <= self.max_len and self.contains in name
+                and (self.allow_seen or name not in seen))
+
+
+def _round(model, vocab, prefix: np.ndarray, B: int, steps: int, temperature, top_k, top_p, rng):
+    """Sample B candidates of at most `steps` characters after `prefix`.
+    Returns (B, steps) ids and each candidate's length (-1: no end token within `steps`)."""
+    be, eos = model.backend, vocab.eos_id
+    table = model.input_table()
+    ctx = np.concatenate([[eos], prefix]).astype(np.int64)
+    x = np.repeat(ctx[:, None], B, axis=1)  # (T0,B)
+    logits, state, _ = model.forward(x, model.zero_state(B), table=table)
+    last = be.to_numpy(logits[-1])  # (B,V)
+    out = np.zeros((B, steps + 1), np.int64)
+    length = np.full(B, -1, np.int64)
+    ids = np.zeros(B, np.int64)
+    for t in range(steps + 1):
+        be.k.sample_rows(np.ascontiguousarray(last), temperature, top_k, top_p, rng.random(B), ids)
+        out[:, t] = ids
+        ended = (ids == eos) & (length < 0)
+        length[ended] = t
+        if (length >= 0).all() or t == steps:
+            break
+        logits, state, _ = model.forward(ids[None, :], state, table=table)
+        last = be.to_numpy(logits[0])
+    return out, length
+
+
+def generate_names(model, vocab, n: int, flt: NameFilter, seen: set[str], temperature=0.8,
+                   top_k=0, top_p=1.0, seed=None, batch=512, max_candidates=None) -> list[str]:
+    """Up to n distinct names passing `flt`, drawn with the given sampling settings."""
+    if vocab.eos_id is None:
+        raise ValueError("this model was not trained on lines (no end token); train with --lines")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    flt.validate()
+    rng = np.random.default_rng(seed)
+    prefix = np.asarray(vocab.encode(flt.start), np.int64) if flt.start else np.zeros(0, np.int64)
+    steps = flt.max_len - len(prefix)
+    budget = max_candidates or max(2000, 200 * n)
+    found: list[str] = []
+    taken: set[str] = set()
+    tried = 0
+    while len(found) < n and tried < budget:
+        B = min(batch, max(64, 2 * (n - len(found))))
+        out, length = _round(model, vocab, prefix, B, steps, temperature, top_k, top_p, rng)
+        tried += B
+        for b in range(B):
+            if length[b] < 0:
+                continue  # longer than max_len
+            name = flt.start + vocab.decode(out[b, : length[b]])
+            if name not in taken and flt.accepts(name, seen):
+                taken.add(name)
+                found.append(name)
+                if len(found) == n:
+                    break
+    return found
