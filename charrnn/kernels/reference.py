@@ -156,7 +156,8 @@ def sample_logits(logits, temperature, top_k, top_p, u):
     if top_p < 1.0:
         c = np.cumsum(p) / p.sum()
         # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        keep = int(np.searchsorted(c, top_p) + 1)
+        # (min: a top_p within an ulp of 1 can sort past the last rounded cumulative sum)
+        keep = min(int(np.searchsorted(c, top_p) + 1), len(p))
         p = p[:keep]
     c = np.cumsum(p)
     j = int(np.searchsorted(c, u * c[-1], side="right"))

@@ -1,0 +1,553 @@
+"""Numba twins of every kernel in `reference.py`: same names, argument order and meaning.
+
+Every kernel is `@njit(cache=True)` without signatures, so numba specialises it for float32
+or float64 arrays and int32 or int64 ids on first use and caches the machine code on disk.
+Kernels write into the arrays they are given; the only allocations are small buffers named
+where they happen (loss per row, partial sums, the sampler's sort of V ids).
+
+Determinism: the trainer promises bit-exact resume, so no floating-point sum here depends on
+how threads split the work. Element-wise kernels have no sums at all; softmax_xent sums its
+per-row losses sequentially; scatter_add_rows gives each thread whole columns; sum_squares
+sums fixed-size chunks, then the chunks in order.
+
+Arithmetic stays in the arrays' dtype (constants are cast with `dtype.type`), in the same
+order as reference.py, so only exp/tanh/log may differ from numpy in the last bit. Sums over
+a softmax row are accumulated in float64.
+
+Dimension letters: B=batch, H=hidden, G=gate blocks, V=vocab, N=rows, D=columns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+# Thread wait policies (OMP_WAIT_POLICY, OPENBLAS_THREAD_TIMEOUT) are set in charrnn/__init__.py,
+# before numpy or numba start their thread pools.
+
+# Thresholds below were measured on 2 cores, omp layer, passive waits (a parallel launch
+# costs ~10 us there); each path gives the same bits, so they only trade speed.
+#
+# Step kernels (~100 ns per element: scalar libm exp/tanh) thread from PAR_MIN = B*H in
+# CHUNK-element work items. Alone, B=1,H=128 threads win (10 vs 15 us fwd+bwd), but inside
+# HostBackend's loop, a GEMM between steps, they lose: B=1,H=128 72 vs 34 us per step,
+# B=8,H=128 239 vs 217 us; B=64,H=512 gains a little, 6200 vs 6615 us.
+CHUNK = 64
+PAR_MIN = 4096
+# Softmax rows (one exp per element, ~5 ns): threaded from N*V = ROW_PAR_MIN;
+# N=64,V=65: 20 us on one thread, 24 on two; N=256,V=65: 77 vs 51 us.
+ROW_PAR_MIN = 1 << 14
+# Adam (~5 ns per element): work items of CHEAP_CHUNK, threaded from four of them;
+# n=4096: 21 us on one thread, 31 on two; n=16384: 80 vs 53 us.
+CHEAP_CHUNK = 4096
+CHEAP_PAR_MIN = 4 * CHEAP_CHUNK
+# Row copies and scatter-adds are memory-bound: gather 640x512 42 us either way,
+# 6400x2048 4.2 vs 2.8 ms; scatter 640x512 281 vs 231 us.
+COPY_PAR_MIN = 1 << 18
+# Columns per thread in scatter_add_rows; 64 float32 = four cache lines of one row.
+COL_BLOCK = 64
+# Elements per partial sum in sum_squares: fixed, so the result does not depend on threads.
+# Threaded from SQ_PAR_MIN chunks: 4 chunks 22 us either way, 16 chunks 84 vs 55 us.
+SQ_CHUNK = 16384
+SQ_PAR_MIN = 8
+
+
+@njit(cache=True, inline="always")
+def _sigmoid(x, one):
+    # exp(-|x|) never overflows (float32 exp(89) is inf). Equal to reference._sigmoid's
+    # 1/(1+exp(-x)) for x >= 0 and exp(x)/(1+exp(x)) below, bit for bit, but one exp and
+    # a select instead of a branch: 3.6 vs 8.5 ns per float32 element on random signs.
+    e = math.exp(-abs(x))
+    return (one if x >= 0 else e) / (one + e)
+
+
+# ---------------------------------------------------------------- LSTM
+
+
+@njit(cache=True, inline="always")
+def _lstm_fwd_span(lo, hi, xp, hp, b_hh, c_prev, act, c, h):
+    H = c.shape[1]
+    one = c.dtype.type(1)
+    for b in range(lo // H, (hi - 1) // H + 1):
+        for j in range(max(lo - b * H, 0), min(hi - b * H, H)):
+            pi = xp[b, j] + hp[b, j] + b_hh[j]
+            pf = xp[b, H + j] + hp[b, H + j] + b_hh[H + j]
+            pg = xp[b, 2 * H + j] + hp[b, 2 * H + j] + b_hh[2 * H + j]
+            po = xp[b, 3 * H + j] + hp[b, 3 * H + j] + b_hh[3 * H + j]
+            i = _sigmoid(pi, one)
+            f = _sigmoid(pf, one)
+            g = math.tanh(pg)
+            o = _sigmoid(po, one)
+            act[b, j] = i
+            act[b, H + j] = f
+            act[b, 2 * H + j] = g
+            act[b, 3 * H + j] = o
+            cc = f * c_prev[b, j] + i * g
+            c[b, j] = cc
+            h[b, j] = o * math.tanh(cc)
+
+
+@njit(cache=True, parallel=True)
+def lstm_forward_step(xp, hp, b_hh, c_prev, act, c, h):
+    """xp, hp (B,4H); b_hh (4H,); c_prev (B,H) -> act (B,4H) = [i,f,g,o] activated, c, h (B,H)."""
+    n = c.shape[0] * c.shape[1]
+    if n < PAR_MIN:
+        _lstm_fwd_span(0, n, xp, hp, b_hh, c_prev, act, c, h)
+        return
+    for k in prange((n + CHUNK - 1) // CHUNK):
+        _lstm_fwd_span(k * CHUNK, min(n, (k + 1) * CHUNK), xp, hp, b_hh, c_prev, act, c, h)
+
+
+@njit(cache=True, inline="always")
+def _lstm_bwd_span(lo, hi, act, c_prev, c, dh, dc, dpre):
+    H = c.shape[1]
+    one = c.dtype.type(1)
+    for b in range(lo // H, (hi - 1) // H + 1):
+        for j in range(max(lo - b * H, 0), min(hi - b * H, H)):
+            i = act[b, j]
+            f = act[b, H + j]
+            g = act[b, 2 * H + j]
+            o = act[b, 3 * H + j]
+            tc = math.tanh(c[b, j])
+            dhv = dh[b, j]
+            dct = dc[b, j] + dhv * o * (one - tc * tc)
+            dpre[b, j] = dct * g * i * (one - i)
+            dpre[b, H + j] = dct * c_prev[b, j] * f * (one - f)
+            dpre[b, 2 * H + j] = dct * i * (one - g * g)
+            dpre[b, 3 * H + j] = dhv * tc * o * (one - o)
+            dc[b, j] = dct * f
+
+
+@njit(cache=True, parallel=True)
+def lstm_backward_step(act, c_prev, c, dh, dc, dpre):
+    """act (B,4H); c_prev, c (B,H); dh (B,H): dL/dh_t in full.
+    dc (B,H): in = dL/dc_t from step t+1, out = dL/dc_{t-1} (updated in place).
+    dpre (B,4H) out: dL/d(pre-activation), which is both dL/dxp and dL/dhp."""
+    n = c.shape[0] * c.shape[1]
+    if n < PAR_MIN:
+        _lstm_bwd_span(0, n, act, c_prev, c, dh, dc, dpre)
+        return
+    for k in prange((n + CHUNK - 1) // CHUNK):
+        _lstm_bwd_span(k * CHUNK, min(n, (k + 1) * CHUNK), act, c_prev, c, dh, dc, dpre)
+
+
+# ---------------------------------------------------------------- GRU
+
+
+@njit(cache=True, inline="always")
+def _gru_fwd_span(lo, hi, xp, hp, b_hh, h_prev, act, hn, h):
+    H = h.shape[1]
+    one = h.dtype.type(1)
+    for b in range(lo // H, (hi - 1) // H + 1):
+        for j in range(max(lo - b * H, 0), min(hi - b * H, H)):
+            r = _sigmoid(xp[b, j] + (hp[b, j] + b_hh[j]), one)
+            z = _sigmoid(xp[b, H + j] + (hp[b, H + j] + b_hh[H + j]), one)
+            hnv = hp[b, 2 * H + j] + b_hh[2 * H + j]
+            nv = math.tanh(xp[b, 2 * H + j] + r * hnv)
+            act[b, j] = r
+            act[b, H + j] = z
+            act[b, 2 * H + j] = nv
+            hn[b, j] = hnv
+            h[b, j] = (one - z) * nv + z * h_prev[b, j]
+
+
+@njit(cache=True, parallel=True)
+def gru_forward_step(xp, hp, b_hh, h_prev, act, hn, h):
+    """xp, hp (B,3H); b_hh (3H,); h_prev (B,H) -> act (B,3H) = [r,z,n], hn (B,H) = W_hn h + b_hn, h (B,H)."""
+    n = h.shape[0] * h.shape[1]
+    if n < PAR_MIN:
+        _gru_fwd_span(0, n, xp, hp, b_hh, h_prev, act, hn, h)
+        return
+    for k in prange((n + CHUNK - 1) // CHUNK):
+        _gru_fwd_span(k * CHUNK, min(n, (k + 1) * CHUNK), xp, hp, b_hh, h_prev, act, hn, h)
+
+
+@njit(cache=True, inline="always")
+def _gru_bwd_span(lo, hi, act, hn, h_prev, dh, dxp, dhp, dh_prev):
+    H = dh.shape[1]
+    one = dh.dtype.type(1)
+    for b in range(lo // H, (hi - 1) // H + 1):
+        for j in range(max(lo - b * H, 0), min(hi - b * H, H)):
+            r = act[b, j]
+            z = act[b, H + j]
+            nv = act[b, 2 * H + j]
+            dhv = dh[b, j]
+            dn = dhv * (one - z) * (one - nv * nv)
+            dr = dn * hn[b, j] * r * (one - r)
+            dz = dhv * (h_prev[b, j] - nv) * z * (one - z)
+            dxp[b, j] = dr
+            dxp[b, H + j] = dz
+            dxp[b, 2 * H + j] = dn
+            dhp[b, j] = dr
+            dhp[b, H + j] = dz
+            dhp[b, 2 * H + j] = dn * r
+            dh_prev[b, j] = dhv * z
+
+
+@njit(cache=True, parallel=True)
+def gru_backward_step(act, hn, h_prev, dh, dxp, dhp, dh_prev):
+    """act (B,3H); hn, h_prev, dh (B,H) -> dxp (B,3H) = dL/dxp, dhp (B,3H) = dL/dhp (b_hh included),
+    dh_prev (B,H) = the direct path z * dh (the W_hh path is added by the caller)."""
+    n = dh.shape[0] * dh.shape[1]
+    if n < PAR_MIN:
+        _gru_bwd_span(0, n, act, hn, h_prev, dh, dxp, dhp, dh_prev)
+        return
+    for k in prange((n + CHUNK - 1) // CHUNK):
+        _gru_bwd_span(k * CHUNK, min(n, (k + 1) * CHUNK), act, hn, h_prev, dh, dxp, dhp, dh_prev)
+
+
+# ---------------------------------------------------------------- vanilla RNN (tanh)
+
+
+@njit(cache=True, inline="always")
+def _rnn_fwd_span(lo, hi, xp, hp, b_hh, h):
+    H = h.shape[1]
+    for b in range(lo // H, (hi - 1) // H + 1):
+        for j in range(max(lo - b * H, 0), min(hi - b * H, H)):
+            h[b, j] = math.tanh(xp[b, j] + hp[b, j] + b_hh[j])
+
+
+@njit(cache=True, parallel=True)
+def rnn_forward_step(xp, hp, b_hh, h):
+    """xp, hp (B,H); b_hh (H,) -> h (B,H) = tanh(xp + hp + b_hh)."""
+    n = h.shape[0] * h.shape[1]
+    if n < PAR_MIN:
+        _rnn_fwd_span(0, n, xp, hp, b_hh, h)
+        return
+    for k in prange((n + CHUNK - 1) // CHUNK):
+        _rnn_fwd_span(k * CHUNK, min(n, (k + 1) * CHUNK), xp, hp, b_hh, h)
+
+
+@njit(cache=True, inline="always")
+def _rnn_bwd_span(lo, hi, h, dh, dpre):
+    H = h.shape[1]
+    one = h.dtype.type(1)
+    for b in range(lo // H, (hi - 1) // H + 1):
+        for j in range(max(lo - b * H, 0), min(hi - b * H, H)):
+            dpre[b, j] = dh[b, j] * (one - h[b, j] * h[b, j])
+
+
+@njit(cache=True, parallel=True)
+def rnn_backward_step(h, dh, dpre):
+    """h, dh (B,H) -> dpre (B,H) = dL/d(pre-activation) = dL/dxp = dL/dhp."""
+    n = h.shape[0] * h.shape[1]
+    if n < CHEAP_PAR_MIN:  # no transcendental here: arithmetic only
+        _rnn_bwd_span(0, n, h, dh, dpre)
+        return
+    for k in prange((n + CHEAP_CHUNK - 1) // CHEAP_CHUNK):
+        _rnn_bwd_span(k * CHEAP_CHUNK, min(n, (k + 1) * CHEAP_CHUNK), h, dh, dpre)
+
+
+# ---------------------------------------------------------------- embedding table
+
+
+@njit(cache=True)
+def _check_ids(ids, rows):
+    for n in range(ids.shape[0]):
+        if ids[n] < 0 or ids[n] >= rows:
+            raise IndexError("id out of range of the table's rows")
+
+
+@njit(cache=True, parallel=True)
+def gather_rows(table, ids, out):
+    """table (V,D); ids (N,) int -> out (N,D) = table[ids]."""
+    _check_ids(ids, table.shape[0])
+    N, D = out.shape
+    if N * D < COPY_PAR_MIN:
+        for n in range(N):
+            out[n, :] = table[ids[n], :]
+        return
+    for n in prange(N):
+        out[n, :] = table[ids[n], :]
+
+
+@njit(cache=True, parallel=True)
+def scatter_add_rows(ids, d, out):
+    """ids (N,) int; d (N,D) -> out (V,D) += sum of d's rows into the rows named by ids."""
+    _check_ids(ids, out.shape[0])
+    N, D = d.shape
+    if N * D < COPY_PAR_MIN:
+        for n in range(N):
+            r = ids[n]
+            for j in range(D):
+                out[r, j] += d[n, j]
+        return
+    # Each thread owns whole columns and adds rows in order 0..N-1, as np.add.at does (and
+    # as the loop above): no races, and the same sums bit for bit.
+    for blk in prange((D + COL_BLOCK - 1) // COL_BLOCK):
+        lo = blk * COL_BLOCK
+        hi = min(D, lo + COL_BLOCK)
+        for n in range(N):
+            r = ids[n]
+            for j in range(lo, hi):
+                out[r, j] += d[n, j]
+
+
+# ---------------------------------------------------------------- loss
+
+
+@njit(cache=True, inline="always")
+def _xent_row(logits, targets, mask, scale, dlogits, n):
+    V = logits.shape[1]
+    mk = mask[n]
+    if mk == 0:
+        for j in range(V):
+            dlogits[n, j] = 0
+        return 0.0
+    t = targets[n]
+    m = logits[n, 0]
+    for j in range(1, V):
+        m = max(m, logits[n, j])
+    xt = logits[n, t]  # read before the row is overwritten (dlogits may alias logits)
+    s = 0.0  # float64 accumulator
+    for j in range(V):
+        e = math.exp(logits[n, j] - m)
+        dlogits[n, j] = e
+        s += e
+    w = mk * scale / s
+    for j in range(V):
+        dlogits[n, j] = dlogits[n, j] * w
+    dlogits[n, t] -= mk * scale
+    return (math.log(s) + m - xt) * mk
+
+
+@njit(cache=True, parallel=True)
+def softmax_xent(logits, targets, mask, scale, dlogits):
+    """logits (N,V); targets (N,) int; mask (N,) float (1 = counts) -> returns the summed loss
+    sum_n mask_n * -log softmax(logits_n)[target_n]; writes dlogits (N,V) = d(scale * loss)/dlogits.
+    dlogits may be the logits array itself (each row is read before it is written)."""
+    N, V = logits.shape
+    _check_ids(targets, V)
+    loss = np.empty(N, np.float64)  # (N,) per-row losses, summed in order below
+    if N * V < ROW_PAR_MIN:
+        for n in range(N):
+            loss[n] = _xent_row(logits, targets, mask, scale, dlogits, n)
+    else:
+        for n in prange(N):
+            loss[n] = _xent_row(logits, targets, mask, scale, dlogits, n)
+    total = 0.0
+    for n in range(N):
+        total += loss[n]
+    return total
+
+
+@njit(cache=True, inline="always")
+def _log_softmax_row(logits, out, n):
+    V = logits.shape[1]
+    m = logits[n, 0]
+    for j in range(1, V):
+        m = max(m, logits[n, j])
+    s = 0.0  # float64 accumulator
+    for j in range(V):
+        s += math.exp(logits[n, j] - m)
+    ls = math.log(s)
+    for j in range(V):
+        out[n, j] = (logits[n, j] - m) - ls
+
+
+@njit(cache=True, parallel=True)
+def log_softmax_rows(logits, out):
+    """logits (N,V) -> out (N,V) = log softmax per row (scoring and evaluation)."""
+    N, V = logits.shape
+    if N * V < ROW_PAR_MIN:
+        for n in range(N):
+            _log_softmax_row(logits, out, n)
+        return
+    for n in prange(N):
+        _log_softmax_row(logits, out, n)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+@njit(cache=True)
+def _pairwise_block(a, lo, n):
+    # One leaf of numpy's pairwise summation (n <= 128): eight accumulators, then the rest.
+    if n < 8:
+        res = 0.0
+        for i in range(lo, lo + n):
+            res += a[i]
+        return res
+    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+    i = 8
+    while i < n - n % 8:
+        r0 += a[lo + i]
+        r1 += a[lo + i + 1]
+        r2 += a[lo + i + 2]
+        r3 += a[lo + i + 3]
+        r4 += a[lo + i + 4]
+        r5 += a[lo + i + 5]
+        r6 += a[lo + i + 6]
+        r7 += a[lo + i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[lo + i]
+        i += 1
+    return res
+
+
+@njit(cache=True)
+def _pairwise_sum(a, lo, n):
+    """numpy's pairwise summation of a[lo:lo+n] (numpy/_core/src/umath/loops_utils.h.src:
+    leaves of <= 128, split at n/2 rounded down to a multiple of 8), so p.sum() below equals
+    the reference's bit for bit and top-p cuts at the same token. An explicit stack instead
+    of recursion: numba segfaults loading a cached recursive function (numba issue #6061)."""
+    if n <= 128:
+        return _pairwise_block(a, lo, n)
+    los = np.empty(64, np.int64)  # (depth,) node start; depth <= log2(n) < 64
+    ns = np.empty(64, np.int64)  # (depth,) node length
+    stage = np.empty(64, np.int64)  # (depth,) 0 new, 1 left child pending, 2 right pending
+    left = np.empty(64, np.float64)  # (depth,) sum of the left child once known
+    top = 0
+    los[0], ns[0], stage[0] = lo, n, 0
+    while True:
+        m = ns[top]
+        if m > 128:  # a new inner node: descend into its left half
+            n2 = m // 2
+            n2 -= n2 % 8
+            stage[top] = 1
+            top += 1
+            los[top], ns[top], stage[top] = los[top - 1], n2, 0
+            continue
+        val = _pairwise_block(a, los[top], m)
+        while True:  # hand val up until a node still needs its right half
+            top -= 1
+            if top < 0:
+                return val
+            if stage[top] == 1:
+                left[top] = val
+                stage[top] = 2
+                m = ns[top]
+                n2 = m // 2
+                n2 -= n2 % 8
+                top += 1
+                los[top], ns[top], stage[top] = los[top - 1] + n2, m - n2, 0
+                break
+            val = left[top] + val
+
+
+@njit(cache=True)
+def sample_logits(logits, temperature, top_k, top_p, u):
+    """logits (V,); temperature > 0; top_k (0 = off); top_p in (0,1] (1 = off); u uniform in [0,1).
+    Returns the sampled id: inverse-CDF sampling over the kept tokens in descending probability
+    order (ties broken by lower id), so every backend draws the same id for the same u."""
+    V = logits.shape[0]
+    order = np.argsort(-logits, kind="mergesort")  # (V,) stable: lower id first on ties
+    p = np.empty(V, np.float64)  # (V,) unnormalised probabilities in that order
+    z0 = np.float64(logits[order[0]]) / temperature
+    for i in range(V):
+        p[i] = math.exp(np.float64(logits[order[i]]) / temperature - z0)
+    keep = V if top_k <= 0 else min(top_k, V)
+    if top_p < 1.0:
+        # the smallest prefix whose mass reaches top_p (always at least one token)
+        s = _pairwise_sum(p, 0, keep)
+        c = 0.0
+        for i in range(keep):
+            c += p[i]
+            if c / s >= top_p:
+                keep = i + 1
+                break
+    total = 0.0
+    for i in range(keep):
+        total += p[i]
+    target = u * total
+    c = 0.0
+    for i in range(keep):
+        c += p[i]
+        if c > target:
+            return order[i]
+    return order[keep - 1]
+
+
+@njit(cache=True)
+def sample_rows(logits, temperature, top_k, top_p, u, out):
+    """logits (B,V); u (B,) uniforms -> out (B,) ids, each row drawn as sample_logits.
+    Serial: each row is a sort of V ids, too little work to pay for threads at names' sizes."""
+    for b in range(logits.shape[0]):
+        out[b] = sample_logits(logits[b], temperature, top_k, top_p, u[b])
+
+
+# ---------------------------------------------------------------- optimizer
+
+
+@njit(cache=True, inline="always")
+def _adam_span(lo, hi, p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, l2, decay):
+    # Scalars cast to the arrays' dtype, as numpy does with Python floats (NEP 50), and the
+    # operations in the reference's order: float32 results match it bit for bit.
+    dt = p.dtype.type
+    shrink = dt(1.0 - lr * decay)
+    l2t, b1, b2 = dt(l2), dt(beta1), dt(beta2)
+    c1, c2 = dt(1.0 - beta1), dt(1.0 - beta2)
+    lrt, bc1t, bc2t, epst = dt(lr), dt(bc1), dt(bc2), dt(eps)
+    for i in range(lo, hi):
+        pv = p[i]
+        if decay:
+            pv = pv * shrink
+        gg = g[i] + l2t * pv if l2 else g[i]
+        mv = m[i] * b1
+        mv = mv + c1 * gg
+        vv = v[i] * b2
+        vv = vv + c2 * gg * gg
+        m[i] = mv
+        v[i] = vv
+        p[i] = pv - lrt * (mv / bc1t) / (np.sqrt(vv / bc2t) + epst)
+
+
+@njit(cache=True, parallel=True)
+def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, l2, decay):
+    """In place on p, m, v (same shape). bc1 = 1 - beta1**t, bc2 = 1 - beta2**t.
+    l2: classic Adam weight decay (added to the gradient); decay: AdamW's decoupled
+    decay (p *= 1 - lr*decay first). Matches torch.optim.Adam / AdamW."""
+    # reshape (not ravel): a view, and a compile error rather than a silent copy if an
+    # array is not contiguous.
+    n = p.size
+    pf, gf, mf, vf = p.reshape(n), g.reshape(n), m.reshape(n), v.reshape(n)
+    if n < CHEAP_PAR_MIN:
+        _adam_span(0, n, pf, gf, mf, vf, lr, beta1, beta2, eps, bc1, bc2, l2, decay)
+        return
+    for k in prange((n + CHEAP_CHUNK - 1) // CHEAP_CHUNK):
+        _adam_span(k * CHEAP_CHUNK, min(n, (k + 1) * CHEAP_CHUNK), pf, gf, mf, vf, lr, beta1,
+                   beta2, eps, bc1, bc2, l2, decay)
+
+
+@njit(cache=True, inline="always")
+def _sq_chunk(a, lo, hi):
+    # Four accumulators in a fixed pattern: faster than one, and the same every run.
+    s0 = s1 = s2 = s3 = 0.0
+    i = lo
+    while i + 4 <= hi:
+        x0, x1 = np.float64(a[i]), np.float64(a[i + 1])
+        x2, x3 = np.float64(a[i + 2]), np.float64(a[i + 3])
+        s0 += x0 * x0
+        s1 += x1 * x1
+        s2 += x2 * x2
+        s3 += x3 * x3
+        i += 4
+    while i < hi:
+        x = np.float64(a[i])
+        s0 += x * x
+        i += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit(cache=True, parallel=True)
+def sum_squares(g):
+    """Sum of squares of an array, accumulated in float64 (global-norm clipping)."""
+    a = g.ravel()
+    n = a.size
+    nch = (n + SQ_CHUNK - 1) // SQ_CHUNK
+    part = np.empty(nch, np.float64)  # (chunks,) partial sums, added in order below
+    if nch < SQ_PAR_MIN:  # the same chunks on one thread: the same bits
+        for k in range(nch):
+            part[k] = _sq_chunk(a, k * SQ_CHUNK, min(n, (k + 1) * SQ_CHUNK))
+    else:
+        for k in prange(nch):
+            part[k] = _sq_chunk(a, k * SQ_CHUNK, min(n, (k + 1) * SQ_CHUNK))
+    total = 0.0
+    for k in range(nch):
+        total += part[k]
+    return total

@@ -1,0 +1,405 @@
+"""kernels/cpu.py against kernels/reference.py: every kernel, several shapes, float32 and float64.
+
+Fresh random inputs from a fixed seed per test; shapes include odd sizes (B=1, H=7, V=3) and
+sizes large enough to take the threaded paths. Tolerances are fitted to each dtype: the twins
+do the same arithmetic in the same order and may differ only where exp/tanh/log round
+differently (and where cpu.py sums a softmax row in float64).
+
+Dimension letters: B=batch, H=hidden, G=gate blocks, V=vocab, N=rows, D=columns, T=time.
+"""
+
+import numpy as np
+import pytest
+
+from charrnn.backend import HostBackend
+from charrnn.config import GATES, ModelConfig
+from charrnn.kernels import cpu, reference
+from charrnn.model import CharRNN
+
+DTYPES = [np.float32, np.float64]
+CELLS = ["lstm", "gru", "rnn"]
+STEP_SHAPES = [(1, 7), (5, 33), (64, 128), (40, 410)]  # (B, H); the last two are threaded
+
+
+def test_shapes_cover_serial_and_threaded_paths():
+    assert 5 * 33 < cpu.PAR_MIN <= 64 * 128  # STEP_SHAPES
+    assert 64 * 128 < cpu.CHEAP_PAR_MIN <= 40 * 410  # rnn_backward_step
+    assert 5 * 33 < cpu.ROW_PAR_MIN <= 300 * 65  # softmax shapes
+    assert 33 * 5 < cpu.CHEAP_PAR_MIN <= 300 * 257  # adam shapes
+    assert 1000 * 300 >= cpu.COPY_PAR_MIN > 300 * 512  # gather / scatter
+    assert 300_000 // cpu.SQ_CHUNK >= cpu.SQ_PAR_MIN > 16387 // cpu.SQ_CHUNK + 1  # sum_squares
+
+
+def _tol(dtype):
+    return {"rtol": 1e-5, "atol": 1e-6} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-12}
+
+
+def _close(got, want, dtype, **kw):
+    np.testing.assert_allclose(got, want, **{**_tol(dtype), **kw})
+
+
+def _randn(rng, shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+# ------------------------------------------------------------------ recurrent steps
+
+
+def _step_inputs(cell, B, H, dtype, rng, scale):
+    """Forward inputs (scaled: large |x| exercises sigmoid/tanh saturation) and backward
+    inputs whose activations come from the reference forward."""
+    GH = GATES[cell] * H
+    xp, hp = _randn(rng, (B, GH), dtype, scale), _randn(rng, (B, GH), dtype, scale)
+    b_hh, prev = _randn(rng, (GH,), dtype), _randn(rng, (B, H), dtype)
+    dh, dc = _randn(rng, (B, H), dtype), _randn(rng, (B, H), dtype)
+    return xp, hp, b_hh, prev, dh, dc
+
+
+def _forward(k, cell, xp, hp, b_hh, prev):
+    B, H = prev.shape
+    dt = prev.dtype
+    h = np.full((B, H), np.nan, dt)
+    if cell == "rnn":
+        k.rnn_forward_step(xp, hp, b_hh, h)
+        return {"h": h}
+    act = np.full(xp.shape, np.nan, dt)
+    other = np.full((B, H), np.nan, dt)  # c (LSTM) or hn (GRU)
+    if cell == "lstm":
+        k.lstm_forward_step(xp, hp, b_hh, prev, act, other, h)
+    else:
+        k.gru_forward_step(xp, hp, b_hh, prev, act, other, h)
+    return {"act": act, "other": other, "h": h}
+
+
+def _backward(k, cell, fwd, prev, dh, dc):
+    dt = prev.dtype
+    if cell == "rnn":
+        dpre = np.full(dh.shape, np.nan, dt)
+        k.rnn_backward_step(fwd["h"], dh, dpre)
+        return {"dpre": dpre}
+    if cell == "lstm":
+        dpre = np.full(fwd["act"].shape, np.nan, dt)
+        dc = dc.copy()
+        k.lstm_backward_step(fwd["act"], prev, fwd["other"], dh, dc, dpre)
+        return {"dpre": dpre, "dc": dc}
+    dxp, dhp = (np.full(fwd["act"].shape, np.nan, dt) for _ in range(2))
+    dh_prev = np.full(dh.shape, np.nan, dt)
+    k.gru_backward_step(fwd["act"], fwd["other"], prev, dh, dxp, dhp, dh_prev)
+    return {"dxp": dxp, "dhp": dhp, "dh_prev": dh_prev}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("B,H", STEP_SHAPES)
+@pytest.mark.parametrize("scale", [1.0, 60.0])
+def test_step_kernels_match_reference(cell, B, H, dtype, scale):
+    rng = np.random.default_rng(1000 * B + H + int(scale))
+    xp, hp, b_hh, prev, dh, dc = _step_inputs(cell, B, H, dtype, rng, scale)
+    if scale > 1:  # values where a naive 1/(1+exp(-x)) overflows exp in float32
+        xp[0, :3] = [-200.0, 200.0, -1e4]
+    ref_f = _forward(reference, cell, xp, hp, b_hh, prev)
+    cpu_f = _forward(cpu, cell, xp, hp, b_hh, prev)
+    for name in ref_f:
+        assert np.isfinite(cpu_f[name]).all(), name
+        _close(cpu_f[name], ref_f[name], dtype, err_msg=name)
+    # Backward from the same (reference) activations, so only the backward is compared.
+    ref_b = _backward(reference, cell, ref_f, prev, dh, dc)
+    cpu_b = _backward(cpu, cell, ref_f, prev, dh, dc)
+    for name in ref_b:
+        assert np.isfinite(cpu_b[name]).all(), name
+        _close(cpu_b[name], ref_b[name], dtype, err_msg=name)
+
+
+def test_sigmoid_saturates_without_overflow():
+    """Extreme pre-activations give exact 0/1 gates, never nan or inf (float32 exp(89) = inf)."""
+    H = 4
+    xp = np.array([[1e4, -1e4, 100.0, -100.0] * 4], np.float32)  # (1, 4H)
+    zeros = np.zeros((1, 4 * H), np.float32)
+    act, c, h = np.empty((1, 4 * H), np.float32), np.empty((1, H), np.float32), np.empty((1, H), np.float32)
+    cpu.lstm_forward_step(xp, zeros, np.zeros(4 * H, np.float32), np.zeros((1, H), np.float32), act, c, h)
+    assert np.isfinite(act).all() and np.isfinite(h).all()
+    np.testing.assert_array_equal(act[0, :2], [1.0, 0.0])  # i gate: sigmoid(+-1e4)
+    np.testing.assert_array_equal(act[0, 2 * H : 2 * H + 2], [1.0, -1.0])  # g gate: tanh
+
+
+# ------------------------------------------------------------------ embedding table
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("id_type", [np.int32, np.int64])
+@pytest.mark.parametrize("V,D,N", [(3, 5, 1), (11, 33, 40), (65, 512, 300)])
+def test_gather_and_scatter_match_reference(V, D, N, id_type, dtype):
+    rng = np.random.default_rng(V * D + N)
+    table = _randn(rng, (V, D), dtype)
+    ids = rng.integers(0, V, N).astype(id_type)
+    ids[: min(N, 3)] = ids[0]  # repeated ids on purpose
+    out_ref, out_cpu = np.empty((N, D), dtype), np.full((N, D), np.nan, dtype)
+    reference.gather_rows(table, ids, out_ref)
+    cpu.gather_rows(table, ids, out_cpu)
+    np.testing.assert_array_equal(out_cpu, out_ref)
+
+    d = _randn(rng, (N, D), dtype)
+    start = _randn(rng, (V, D), dtype)  # scatter adds into what is there
+    acc_ref, acc_cpu = start.copy(), start.copy()
+    reference.scatter_add_rows(ids, d, acc_ref)
+    cpu.scatter_add_rows(ids, d, acc_cpu)
+    # Rows are added in id order 0..N-1, as np.add.at does: the same sums bit for bit.
+    np.testing.assert_array_equal(acc_cpu, acc_ref)
+
+
+def test_gather_and_scatter_threaded_path_with_many_repeats():
+    rng = np.random.default_rng(7)
+    N, D, V = 1000, 300, 5  # N*D above COPY_PAR_MIN: rows / column blocks on threads
+    ids = rng.integers(0, V, N)
+    table = _randn(rng, (V, D), np.float32)
+    out = np.empty((N, D), np.float32)
+    cpu.gather_rows(table, ids, out)
+    np.testing.assert_array_equal(out, table[ids])
+    d = _randn(rng, (N, D), np.float32)
+    acc_ref, acc_cpu = np.zeros((V, D), np.float32), np.zeros((V, D), np.float32)
+    reference.scatter_add_rows(ids, d, acc_ref)
+    cpu.scatter_add_rows(ids, d, acc_cpu)
+    np.testing.assert_array_equal(acc_cpu, acc_ref)
+
+
+def test_ids_out_of_range_raise():
+    table = np.zeros((4, 3), np.float32)
+    with pytest.raises(IndexError):
+        cpu.gather_rows(table, np.array([0, 4]), np.empty((2, 3), np.float32))
+    with pytest.raises(IndexError):
+        cpu.scatter_add_rows(np.array([-1]), np.zeros((1, 3), np.float32), table)
+
+
+# ------------------------------------------------------------------ loss
+
+
+def _logits_case(N, V, dtype, seed, scale=3.0):
+    rng = np.random.default_rng(seed)
+    logits = _randn(rng, (N, V), dtype, scale)
+    targets = rng.integers(0, V, N)
+    mask = (rng.random(N) > 0.3).astype(dtype)
+    mask[0] = 1.0
+    if N > 1:
+        mask[1] = 0.0
+    return logits, targets, mask
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,V", [(1, 3), (5, 33), (300, 65)])  # 300x65 is threaded
+@pytest.mark.parametrize("scale", [3.0, 300.0])
+def test_softmax_xent_matches_reference(N, V, dtype, scale):
+    logits, targets, mask = _logits_case(N, V, dtype, N * V, scale)
+    s = 1.0 / max(mask.sum(), 1.0)
+    d_ref, d_cpu = np.empty_like(logits), np.full_like(logits, np.nan)
+    loss_ref = reference.softmax_xent(logits, targets, mask, s, d_ref)
+    loss_cpu = cpu.softmax_xent(logits, targets, mask, s, d_cpu)
+    assert isinstance(loss_cpu, float) and np.isfinite(loss_cpu)
+    assert loss_cpu == pytest.approx(loss_ref, rel=_tol(dtype)["rtol"], abs=_tol(dtype)["atol"])
+    _close(d_cpu, d_ref, dtype)
+    assert not d_cpu[mask == 0].any()  # masked rows give no gradient
+
+    # dlogits may alias logits: each row is read before it is written.
+    alias = logits.copy()
+    loss_alias = cpu.softmax_xent(alias, targets, mask, s, alias)
+    assert loss_alias == loss_cpu
+    np.testing.assert_array_equal(alias, d_cpu)
+
+
+def test_softmax_xent_int32_targets_and_bad_target():
+    logits, targets, mask = _logits_case(6, 9, np.float32, 3)
+    d64, d32 = np.empty_like(logits), np.empty_like(logits)
+    assert cpu.softmax_xent(logits, targets, mask, 0.5, d64) == cpu.softmax_xent(
+        logits, targets.astype(np.int32), mask, 0.5, d32)
+    np.testing.assert_array_equal(d64, d32)
+    targets[2] = 9
+    with pytest.raises(IndexError):
+        cpu.softmax_xent(logits, targets, mask, 0.5, d64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,V", [(1, 3), (5, 33), (300, 65)])
+def test_log_softmax_rows_matches_reference(N, V, dtype):
+    logits, _, _ = _logits_case(N, V, dtype, 17 * N + V, scale=30.0)
+    out_ref, out_cpu = np.empty_like(logits), np.full_like(logits, np.nan)
+    reference.log_softmax_rows(logits, out_ref)
+    cpu.log_softmax_rows(logits, out_cpu)
+    _close(out_cpu, out_ref, dtype, atol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def test_pairwise_sum_equals_numpy_sum_bit_for_bit():
+    """sample_logits' top-p cut uses numpy's p.sum(); cpu.py mirrors its pairwise order."""
+    rng = np.random.default_rng(5)
+    for n in list(range(1, 300)) + [1000, 1023, 4099]:
+        a = rng.random(n) * np.exp(rng.standard_normal(n) * 5)
+        assert cpu._pairwise_sum(a, 0, n) == a.sum(), n
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [3, 7, 65, 300])
+def test_sample_logits_matches_reference(V, dtype):
+    rng = np.random.default_rng(V)
+    cases = 0
+    for kind in ("random", "ties", "flat"):
+        if kind == "random":
+            logits = _randn(rng, (V,), dtype, 2.0)
+        elif kind == "ties":  # few distinct values: ties must break by lower id
+            logits = rng.integers(0, 3, V).astype(dtype)
+        else:
+            logits = np.zeros(V, dtype)
+        us = np.concatenate([[0.0, 0.5, np.nextafter(1.0, 0.0)], rng.random(12)])
+        for temperature in (0.3, 1.0, 2.5):
+            for top_k in (0, 1, 2, 5, V + 3):
+                for top_p in (1.0, 0.95, 0.5, 0.2, 1e-9):
+                    for u in us:
+                        want = reference.sample_logits(logits, temperature, top_k, top_p, u)
+                        got = cpu.sample_logits(logits, temperature, top_k, top_p, u)
+                        assert got == want, (kind, temperature, top_k, top_p, u)
+                        cases += 1
+    assert cases == 3 * 3 * 5 * 5 * 15
+
+
+def test_sample_logits_edges():
+    logits = np.array([0.5, 2.0, 2.0, -1.0], np.float32)
+    # top_p tiny keeps one token: the most probable, lower id on ties.
+    assert all(cpu.sample_logits(logits, 1.0, 0, 1e-9, u) == 1 for u in (0.0, 0.7, 0.999))
+    assert cpu.sample_logits(logits, 1.0, 1, 1.0, 0.99) == 1
+    # Flat logits, top_p = 0.5 keeps exactly half; u splits them at the CDF steps.
+    flat = np.zeros(4)
+    assert [cpu.sample_logits(flat, 1.0, 0, 0.5, u) for u in (0.0, 0.49, 0.5, 0.99)] == [0, 0, 1, 1]
+    assert isinstance(cpu.sample_logits(flat, 1.0, 0, 1.0, 0.3), int)
+
+
+# ------------------------------------------------------------------ optimizer
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7,), (33, 5), (300, 257)])  # 300x257 is threaded
+@pytest.mark.parametrize("l2,decay", [(0.0, 0.0), (0.01, 0.0), (0.0, 0.1), (0.02, 0.05)])
+def test_adam_update_matches_reference(shape, dtype, l2, decay):
+    rng = np.random.default_rng(int(np.prod(shape)) + int(l2 * 100) + int(decay * 1000))
+    p = _randn(rng, shape, dtype)
+    m, v = np.zeros(shape, dtype), np.zeros(shape, dtype)
+    state = {"ref": [p.copy(), m.copy(), v.copy()], "cpu": [p.copy(), m.copy(), v.copy()]}
+    beta1, beta2, lr, eps = 0.9, 0.999, 2e-3, 1e-8
+    for t in range(1, 4):
+        g = _randn(rng, shape, dtype, 0.1)
+        g.flat[0] = 0.0  # v stays tiny there: the eps path
+        bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
+        for name, k in (("ref", reference), ("cpu", cpu)):
+            p_, m_, v_ = state[name]
+            k.adam_update(p_, g, m_, v_, lr, beta1, beta2, eps, bc1, bc2, l2, decay)
+    # Scalars cast to the dtype and the reference's operation order: equal bit for bit.
+    for a, b in zip(state["cpu"], state["ref"]):
+        np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------ sum of squares
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 7, 16384 + 3, 300_000])  # several chunks; the last threaded
+def test_sum_squares_matches_reference(n, dtype):
+    g = _randn(np.random.default_rng(n), (n,), dtype, 3.0)
+    got = cpu.sum_squares(g)
+    assert isinstance(got, float)
+    assert got == pytest.approx(reference.sum_squares(g), rel=1e-12)
+
+
+def test_sum_squares_2d_and_non_contiguous():
+    g = _randn(np.random.default_rng(3), (300, 257), np.float32)
+    assert cpu.sum_squares(g) == pytest.approx(reference.sum_squares(g), rel=1e-12)
+    assert cpu.sum_squares(g[:, ::3]) == pytest.approx(reference.sum_squares(g[:, ::3]), rel=1e-12)
+    assert cpu.sum_squares(np.zeros(0, np.float32)) == 0.0
+
+
+# ------------------------------------------------------------------ determinism
+
+
+def test_every_threaded_kernel_is_bit_identical_run_to_run():
+    """The trainer promises bit-exact resume: no result may depend on thread timing."""
+    B, H, dt = 64, 128, np.float32
+
+    def run():
+        r = np.random.default_rng(12)  # same inputs both times
+        xp, hp = _randn(r, (B, 4 * H), dt), _randn(r, (B, 4 * H), dt)
+        b_hh, prev, dh, dc = _randn(r, (4 * H,), dt), _randn(r, (B, H), dt), _randn(r, (B, H), dt), _randn(r, (B, H), dt)
+        out = []
+        for cell in CELLS:
+            G = GATES[cell]
+            f = _forward(cpu, cell, xp[:, : G * H], hp[:, : G * H], b_hh[: G * H], prev)
+            out += list(f.values()) + list(_backward(cpu, cell, f, prev, dh, dc).values())
+        logits = _randn(r, (500, 97), dt, 4.0)
+        targets, mask = r.integers(0, 97, 500), np.ones(500, dt)
+        d = np.empty_like(logits)
+        out += [np.float64(cpu.softmax_xent(logits, targets, mask, 1 / 500, d)), d]
+        ids = r.integers(0, 20, 3000)
+        dd = _randn(r, (3000, 4 * H), dt)
+        acc = np.zeros((20, 4 * H), dt)
+        cpu.scatter_add_rows(ids, dd, acc)
+        out.append(acc)
+        p, g = _randn(r, (1000, 100), dt), _randn(r, (1000, 100), dt)
+        m, v = np.zeros_like(p), np.zeros_like(p)
+        cpu.adam_update(p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.1, 0.001, 0.0, 0.01)
+        out += [p, m, v, np.float64(cpu.sum_squares(_randn(r, (10**6,), dt)))]
+        return out
+
+    first, second = run(), run()
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------ layer and model
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("with_hmask", [False, True])
+def test_layer_forward_backward_match_reference_backend(cell, with_hmask, dtype):
+    rng = np.random.default_rng(CELLS.index(cell) * 10 + with_hmask)
+    T, B, H = 6, 3, 17
+    GH = GATES[cell] * H
+    xp = _randn(rng, (T, B, GH), dtype)
+    w_hh, b_hh = _randn(rng, (GH, H), dtype, 0.3), _randn(rng, (GH,), dtype)
+    h0 = _randn(rng, (B, H), dtype)
+    c0 = _randn(rng, (B, H), dtype) if cell == "lstm" else None
+    hmask = ((rng.random((B, H)) > 0.25) / 0.75).astype(dtype) if with_hmask else None
+    dhs = _randn(rng, (T, B, H), dtype)
+    results = {}
+    for name, k in (("reference", reference), ("cpu", cpu)):
+        be = HostBackend(name, k)
+        hs, hT, cT, cache = be.layer_forward(cell, xp, w_hh, b_hh, h0, c0, hmask)
+        back = be.layer_backward(cache, dhs, w_hh)
+        results[name] = [hs, hT, cT, *back]
+    for a, b in zip(results["cpu"], results["reference"]):
+        if b is None:
+            assert a is None
+        else:
+            _close(a, b, dtype, rtol=1e-4 if dtype == np.float32 else 1e-11)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_whole_model_matches_reference_backend(cell):
+    cfg = ModelConfig(cell=cell, vocab_size=13, embed=6, hidden=24, layers=2, residual=True,
+                      dropout=0.2, rec_dropout=0.2)
+    rng = np.random.default_rng(CELLS.index(cell))
+    T, B = 7, 4
+    ids, targets = rng.integers(0, 13, (T, B)), rng.integers(0, 13, (T, B))
+    mask = (rng.random((T, B)) > 0.2).astype(np.float32)
+    out = {}
+    for name, k in (("reference", reference), ("cpu", cpu)):
+        model = CharRNN(cfg, backend=HostBackend(name, k), seed=4)
+        state = model.zero_state(B)
+        state.h[:] = 0.5
+        logits, new_state, cache = model.forward(ids, state, train=True, rng=np.random.default_rng(9))
+        loss, dl, _ = model.loss(logits, targets, mask)
+        out[name] = (logits, new_state.h, loss, model.backward(cache, dl))
+    (lc, hc, loss_c, gc), (lr_, hr, loss_r, gr) = out["cpu"], out["reference"]
+    np.testing.assert_allclose(lc, lr_, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(hc, hr, rtol=1e-4, atol=1e-5)
+    assert loss_c == pytest.approx(loss_r, rel=1e-5)
+    for name in gr:
+        scale = max(np.abs(gr[name]).max(), 1e-6)
+        assert np.abs(gc[name] - gr[name]).max() <= 1e-4 * scale, name
