@@ -41,6 +41,12 @@ class Group(click.Group):
     """Turns the library's expected exceptions into one-line errors, and ends quietly when
     a reader closes the pipe (`charrnn sample | head`)."""
 
+    argv: list[str] = []  # this invocation's arguments, recorded in checkpoints
+
+    def main(self, args=None, *a, **kw):
+        Group.argv = list(sys.argv[1:] if args is None else args)
+        return super().main(args, *a, **kw)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -174,13 +180,16 @@ def _configs(opts):
 
 
 def _fresh_dir(base: Path) -> Path:
-    """base, or base-2, base-3, ... : never overwrite an existing run."""
-    if not base.exists() or not any(base.iterdir()):
-        return base
-    n = 2
-    while Path(f"{base}-{n}").exists():
-        n += 1
-    return Path(f"{base}-{n}")
+    """base, or base-2, base-3, ... : never overwrite an existing run (a directory holding a
+    checkpoint); a directory left by a run that failed before its first checkpoint is reused."""
+
+    def taken(d: Path) -> bool:
+        return d.is_dir() and any(d.glob("*.safetensors"))
+
+    candidate, n = base, 2
+    while taken(candidate):
+        candidate, n = Path(f"{base}-{n}"), n + 1
+    return candidate
 
 
 def _new_run(corpus, out, opts):
@@ -212,7 +221,7 @@ def _new_run(corpus, out, opts):
             per_epoch = math.ceil(len(data.train) / tcfg.batch_size)
         tcfg.steps = max(1, math.ceil(tcfg.epochs * per_epoch))
     model = CharRNN(mcfg, backend=backend, seed=tcfg.seed)
-    meta = run_meta(mcfg, data, shlex.join(["charrnn", *sys.argv[1:]]))
+    meta = run_meta(mcfg, data, shlex.join(["charrnn", *Group.argv]))
     return Trainer(model, data, tcfg, run_dir, meta), run_dir
 
 

@@ -1,0 +1,167 @@
+"""The command line as a user meets it: an end-to-end run, and one clear line for bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from charrnn import checkpoint
+from charrnn.cli import main
+
+PROSE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 30)
+NAMES = "\n".join(["emma", "olivia", "ava", "isabella", "sophia", "mia", "amelia", "harper", "evelyn",
+                   "abigail", "emily", "ella", "liam", "noah", "william", "james", "oliver", "benjamin",
+                   "elijah", "lucas", "mason", "logan", "alexander", "ethan", "jacob", "michael"] * 5) + "\n"
+
+
+@pytest.fixture
+def runner(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return CliRunner()
+
+
+def _ok(result):
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _train(runner, corpus, *extra):
+    args = ["train", str(corpus), "--layers", "1", "--hidden", "16", "--embed", "8", "--batch-size", "4",
+            "--seq-len", "16", "--steps", "30", "--eval-every", "10", "--warmup", "5", "--lr", "1e-2", *extra]
+    return _ok(runner.invoke(main, args))
+
+
+def test_end_to_end_train_sample_eval_score_info(runner, tmp_path):
+    (tmp_path / "play.txt").write_text(PROSE)
+    res = _train(runner, tmp_path / "play.txt")
+    run = tmp_path / "checkpoints" / "play"
+    assert (run / "best.safetensors").is_file() and (run / "latest.safetensors").is_file()
+    metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 30 and metrics[-1]["val_loss"] is not None
+    assert "sample with: charrnn sample -c checkpoints/play" in res.output
+
+    a = _ok(runner.invoke(main, ["sample", "-n", "60", "--seed", "7"])).output
+    b = _ok(runner.invoke(main, ["sample", "-n", "60", "--seed", "7"])).output
+    assert a == b and len(a) >= 60  # newest run by default; same seed, same text
+    c = _ok(runner.invoke(main, ["sample", "-n", "60", "--seed", "8"])).output
+    assert c != a
+    two = _ok(runner.invoke(main, ["sample", "-n", "20", "-t", "0.5", "-t", "1.2", "--seed", "1"])).output
+    assert "--- temperature 0.5 ---" in two and "--- temperature 1.2 ---" in two
+    primed = _ok(runner.invoke(main, ["sample", "-n", "10", "--prime", "All:", "--argmax"])).output
+    assert primed.startswith("All:")
+
+    ev = json.loads(_ok(runner.invoke(main, ["eval", "--json"])).output)
+    assert ev["tokens"] > 100 and 0 < ev["nats_per_char"] < 4.5
+    assert abs(ev["bits_per_char"] - ev["nats_per_char"] / np.log(2)) < 1e-9
+    text = _ok(runner.invoke(main, ["eval", str(tmp_path / "play.txt")])).output
+    assert "nats/char" in text and "bits/char" in text
+
+    sc = json.loads(_ok(runner.invoke(main, ["score", "--json", "Speak, speak.", "kaeps ,kaepS"])).output)
+    assert sc["scores"][0]["logprob"] > sc["scores"][1]["logprob"]  # the corpus's own line is likelier
+
+    inf = json.loads(_ok(runner.invoke(main, ["info", "--json"])).output)
+    assert inf["model"]["hidden"] == 16 and inf["step"] == 30 and inf["mode"] == "stream"
+    assert inf["command"].startswith("charrnn train")
+    assert "parameters" in _ok(runner.invoke(main, ["info"])).output
+
+
+def test_resume_continues_to_new_step_count(runner, tmp_path):
+    (tmp_path / "play.txt").write_text(PROSE)
+    _train(runner, tmp_path / "play.txt")
+    res = _ok(runner.invoke(main, ["train", "--resume", "checkpoints/play", "--steps", "40"]))
+    assert "steps 30 -> 40" in res.output
+    assert checkpoint.read_meta(Path("checkpoints/play/latest.safetensors"))["train"]["step"] == 40
+    again = runner.invoke(main, ["train", "--resume", "checkpoints/play"])
+    assert again.exit_code == 1 and "already reached step 40" in again.output
+    changed = runner.invoke(main, ["train", "--resume", "checkpoints/play", "--hidden", "32"])
+    assert changed.exit_code == 1 and "--hidden cannot change when resuming" in changed.output
+    # a second fresh run never overwrites the first
+    _train(runner, tmp_path / "play.txt")
+    assert (tmp_path / "checkpoints" / "play-2" / "best.safetensors").is_file()
+
+
+def test_names_from_a_lines_model(runner, tmp_path):
+    (tmp_path / "names.txt").write_text(NAMES)
+    res = _train(runner, tmp_path / "names.txt", "--steps", "40")
+    assert "detected a list of short lines" in res.output
+    ck = "checkpoints/names"
+    out = _ok(runner.invoke(main, ["names", "-c", ck, "-n", "5", "--seed", "1", "--allow-seen"])).output.split()
+    assert len(out) == 5 and len(set(out)) == 5 and all(n[0].isupper() for n in out)
+    js = json.loads(_ok(runner.invoke(main, ["names", "-c", ck, "-n", "3", "--seed", "1", "--format", "json",
+                                             "--start", "A", "--allow-seen", "--temp", "1.5"])).output)
+    assert all(n.startswith("A") for n in js)
+    csv = _ok(runner.invoke(main, ["names", "-c", ck, "-n", "3", "--seed", "2", "--format", "csv",
+                                   "--allow-seen", "--temp", "1.5"])).output.splitlines()
+    assert csv[0] == "name" and len(csv) == 4
+    novel = _ok(runner.invoke(main, ["names", "-c", ck, "-n", "5", "--seed", "3", "--temp", "2.0"])).output.split()
+    train = set(NAMES.split())
+    assert not {n.lower() for n in novel} & train  # the novelty filter is on by default
+    sc = json.loads(_ok(runner.invoke(main, ["score", "-c", ck, "--json", "Emma", "Mmaem"])).output)
+    assert sc["scores"][0]["logprob"] > sc["scores"][1]["logprob"]
+
+
+# ------------------------------------------------------------------ bad input: one line, non-zero exit
+
+
+def _fails(runner, args, needle, code=1):
+    res = runner.invoke(main, args)
+    assert res.exit_code == code, res.output
+    assert "Traceback" not in res.output
+    assert needle in res.output, res.output
+    return res
+
+
+def test_bad_corpus_inputs(runner, tmp_path):
+    _fails(runner, ["train", "missing.txt"], "corpus file not found: missing.txt")
+    (tmp_path / "empty.txt").write_text("")
+    _fails(runner, ["train", "empty.txt"], "is empty")
+    (tmp_path / "bin.dat").write_bytes(bytes(range(256)) * 10)
+    _fails(runner, ["train", "bin.dat"], "looks binary")
+    (tmp_path / "latin.txt").write_bytes(b"caf\xe9 au lait\n" * 50)
+    _fails(runner, ["train", "latin.txt"], "not valid utf-8 at byte offset 3")
+    _fails(runner, ["train"], "no corpus given")
+
+
+def test_bad_option_values(runner, tmp_path):
+    (tmp_path / "play.txt").write_text(PROSE)
+    _fails(runner, ["train", "play.txt", "--layers", "0"], "layers must be > 0, got 0")
+    _fails(runner, ["train", "play.txt", "--dropout", "1.5"], "dropout must be in [0, 1)")
+    _fails(runner, ["train", "play.txt", "--lr", "-1"], "lr must be > 0")
+    _fails(runner, ["train", "play.txt", "--cell", "transformer"], "Invalid value for '--cell'", code=2)
+    _fails(runner, ["train", "play.txt", "--batch-size", "64", "--seq-len", "1000"], "too small")
+    _train(runner, tmp_path / "play.txt")
+    _fails(runner, ["sample", "--temp", "-1"], "temperature must be > 0, got -1.0")
+    _fails(runner, ["sample", "--top-p", "1.5"], "top-p must be in (0, 1], got 1.5")
+    _fails(runner, ["sample", "--top-p", "0"], "top-p must be in (0, 1]")
+    _fails(runner, ["sample", "--prime", "\u263a"], "is not in the model's vocabulary")
+    _fails(runner, ["names", "-c", "checkpoints/play"], "is a prose model")
+
+
+def test_bad_checkpoints(runner, tmp_path):
+    _fails(runner, ["sample", "-c", "nope.safetensors"], "no checkpoint at nope.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint at all")
+    _fails(runner, ["info", "-c", "junk.safetensors"], "not a readable checkpoint")
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros(3, np.float32)}, str(tmp_path / "foreign.safetensors"))
+    _fails(runner, ["sample", "-c", "foreign.safetensors"], "not a charrnn checkpoint")
+    (tmp_path / "emptydir").mkdir()
+    _fails(runner, ["sample", "-c", "emptydir"], "holds no best.safetensors")
+    _fails(runner, ["train", "--resume", "nowhere"], "no run directory at nowhere")
+
+
+def test_sample_into_a_closed_pipe_is_quiet(tmp_path):
+    """`charrnn sample | head -c 5` must end without a traceback."""
+    import subprocess
+    import sys
+
+    (tmp_path / "play.txt").write_text(PROSE)
+    CliRunner().invoke(main, ["train", str(tmp_path / "play.txt"), "--layers", "1", "--hidden", "8", "--embed",
+                              "4", "--batch-size", "2", "--seq-len", "8", "--steps", "2", "--eval-every", "2",
+                              "--out", str(tmp_path / "run")])
+    cmd = (f"{sys.executable} -m charrnn sample -c {tmp_path / 'run'} -n 200000 | head -c 5")
+    res = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert len(res.stdout) == 5
+    assert "Traceback" not in res.stderr and "Error" not in res.stderr
