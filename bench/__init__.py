@@ -1,0 +1,19 @@
+"""Benchmarks: charrnn against the identical PyTorch model, on this machine, in one run.
+
+`python -m bench.run` (the `make bench` target) times every workload of `workloads.py`, each
+implementation in its own worker process (`python -m bench.worker ROW IMPL`), so peak RSS is
+per config and one implementation's threads or allocations never colour another's figures.
+It then rewrites its section of BENCHMARKS.md and keeps the hand-written notes below the
+marker line.
+
+  workloads.py   the rows: sizes, units, goals (the issue's table)
+  timing.py      warm-up, repeats sized to a time budget, median and spread
+  ours.py        charrnn's side, through the public API only (a Trainer step, generate,
+                 generate_names)
+  torch_ref.py   the same model in PyTorch (optional: rows say n/a without torch)
+  worker.py      one measurement in one process -> one JSON line with figures and peak RSS
+  cli_time.py    wall time of the real `charrnn names` command, warm and first run
+  machine.py     what the header says about the machine and the libraries
+  report.py      the results table and BENCHMARKS.md (sections and notes preserved)
+  run.py         the command line: --quick, --only, --gpu, --out
+"""

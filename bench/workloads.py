@@ -1,0 +1,112 @@
+"""The benchmark rows: what each one times, in which unit, against which goal.
+
+The sizes and goals are the issue's table. Weights and tokens are random: throughput does
+not depend on the text, so no corpus or checkpoint is needed (except by the CLI rows, which
+run the real `charrnn names` on the shipped model).
+
+Dimension letters: L=layers, H=hidden (= E, the embedding width), B=batch, T=time, V=vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Implementations a row can be timed with. "torch-nodnnl" is PyTorch with oneDNN (mkldnn)
+# disabled: its default batch-1 LSTM path goes through oneDNN and is pathologically slow on
+# small inputs, so the sampling rows quote both.
+CHARRNN, TORCH, TORCH_NODNNL = "charrnn", "torch", "torch-nodnnl"
+IMPL_TITLES = {CHARRNN: "charrnn", TORCH: "torch default", TORCH_NODNNL: "torch oneDNN off"}
+
+SAMPLE_TEMPERATURE = 0.8  # sampling and names rows
+GRAD_CLIP = 5.0  # training rows: global-norm clipping, as the trainer's default
+LR = 2e-3  # training rows: Adam learning rate (the value does not change the speed)
+NAMES_N = 1000  # names rows: names per generate call
+NAMES_MAX_LEN = 16  # names rows: longest name, so at most 16 steps (+1 for the end token)
+NAMES_VOCAB = 27  # a-z plus the end token
+# Random weights make every token about equally likely, so names would end after ~27
+# characters on average and most would be cut at max_len. A bias on the end token's logit
+# makes it about 1 in 7 per step at temperature 0.8 (names of ~6 characters, like real
+# ones); charrnn and torch get the same weights, so both do the same amount of work.
+NAMES_EOS_BIAS = 1.17
+
+
+@dataclass(frozen=True)
+class Goal:
+    kind: str  # ratio_min: charrnn/torch >= value | ratio_max: <= value | abs_min | abs_max
+    value: float
+    text: str  # as printed in the goal column
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str  # what --only selects
+    title: str  # the table's workload column
+    kind: str  # train | sample | names | rss | cli
+    unit: str  # chars/s | names/s | MiB | s
+    goal: Goal | None = None
+    layers: int = 0  # L
+    hidden: int = 0  # H and E
+    batch: int = 1  # B
+    seq_len: int = 1  # T (training rows)
+    vocab: int = 65  # V
+    impls: tuple[str, ...] = (CHARRNN, TORCH)
+    gpu: bool = False  # runs on get_backend("cuda") and torch's cuda device
+    source: str = ""  # rss rows: the training row whose worker processes they read
+    issue_torch: str = ""  # PyTorch 2.13 CPU as measured by the issue's author
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.unit.endswith("/s")
+
+
+CPU_WORKLOADS = (
+    Workload("train-3x512", "train 3x512 LSTM, B=64, T=100", "train", "chars/s",
+             Goal("ratio_min", 1.3, ">=1.3x torch"), 3, 512, 64, 100, issue_torch="3,767"),
+    Workload("train-2x256", "train 2x256 LSTM, B=64, T=100", "train", "chars/s",
+             Goal("ratio_min", 1.4, ">=1.4x torch"), 2, 256, 64, 100, issue_torch="19,820"),
+    Workload("train-2x128", "train 2x128 LSTM, B=64, T=16", "train", "chars/s",
+             Goal("ratio_min", 2.0, ">=2x torch"), 2, 128, 64, 16, issue_torch="56,693"),
+    Workload("rss-3x512", "peak RSS, training 3x512", "rss", "MiB",
+             Goal("ratio_max", 0.5, "<=0.5x torch"), source="train-3x512", issue_torch="810"),
+    Workload("sample-3x512", "sample 3x512, batch 1, temp 0.8", "sample", "chars/s",
+             Goal("abs_min", 4000, ">=4,000 chars/s"), 3, 512,
+             impls=(CHARRNN, TORCH, TORCH_NODNNL), issue_torch="102 / 618"),
+    Workload("sample-2x128", "sample 2x128, batch 1, temp 0.8", "sample", "chars/s",
+             Goal("abs_min", 50000, ">=50,000 chars/s"), 2, 128,
+             impls=(CHARRNN, TORCH, TORCH_NODNNL), issue_torch="2,516 / 3,925"),
+    Workload("names-1000", "1000 names, 2x128, <=16 steps", "names", "names/s",
+             Goal("ratio_min", 2.0, ">=2x torch"), 2, 128, vocab=NAMES_VOCAB,
+             impls=(CHARRNN, TORCH, TORCH_NODNNL), issue_torch="9,465"),
+    Workload("cli-names-warm", "`charrnn names -n 20`, warm cache", "cli", "s",
+             Goal("abs_max", 1.0, "<=1 s"), impls=(CHARRNN,)),
+    Workload("cli-names-first", "`charrnn names -n 20`, first run", "cli", "s",
+             Goal("abs_max", 5.0, "<=5 s"), impls=(CHARRNN,)),
+)
+
+# --gpu: charrnn's CUDA backend against torch on cuda (cuDNN). The issue sets no goals here.
+GPU_WORKLOADS = (
+    Workload("gpu-train-3x512", "train 3x512 LSTM, B=64, T=100", "train", "chars/s",
+             None, 3, 512, 64, 100, gpu=True),
+    Workload("gpu-sample-3x512", "sample 3x512, batch 1, temp 0.8", "sample", "chars/s",
+             None, 3, 512, gpu=True),
+    Workload("gpu-sample-2x128", "sample 2x128, batch 1, temp 0.8", "sample", "chars/s",
+             None, 2, 128, gpu=True),
+    Workload("gpu-names-1000", "1000 names, 2x128, <=16 steps", "names", "names/s",
+             None, 2, 128, vocab=NAMES_VOCAB, gpu=True),
+)
+
+ALL = {w.name: w for w in CPU_WORKLOADS + GPU_WORKLOADS}
+
+
+def select(only: str | None, gpu: bool) -> list[Workload]:
+    """The rows of this run: every CPU (or, with gpu, GPU) row, or those named in `only`."""
+    pool = GPU_WORKLOADS if gpu else CPU_WORKLOADS
+    if not only:
+        return list(pool)
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    valid = {w.name for w in pool}
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ValueError(f"unknown workload(s) {', '.join(unknown)} for a "
+                         f"{'--gpu' if gpu else 'CPU'} run; valid: {', '.join(sorted(valid))}")
+    return [w for w in pool if w.name in names]
