@@ -1,0 +1,99 @@
+"""Names mode: filters, novelty, no duplicates, seeds, and batched generation."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from charrnn.config import ModelConfig
+from charrnn.model import CharRNN
+from charrnn.names import NameFilter, generate_names
+from charrnn.vocab import Vocab
+
+LETTERS = "abcdefghij"
+
+
+@pytest.fixture(scope="module")
+def model_vocab():
+    vocab = Vocab.build(Counter(LETTERS), lines=True)
+    cfg = ModelConfig(vocab_size=len(vocab), embed=8, hidden=16, layers=2)
+    model = CharRNN(cfg, seed=4)
+    # Make the end token likely enough that random names have name-like lengths.
+    model.params["decoder.bias"][vocab.eos_id] = 1.5
+    return model, vocab
+
+
+def test_filters_hold_for_every_name(model_vocab):
+    model, vocab = model_vocab
+    flt = NameFilter(min_len=3, max_len=8, start="b", contains="a")
+    out = generate_names(model, vocab, 15, flt, set(), temperature=1.2, seed=0)
+    assert len(out) == 15 and len(set(out)) == 15
+    for n in out:
+        assert n.startswith("b") and "a" in n and 3 <= len(n) <= 8 and set(n) <= set(LETTERS)
+
+
+def test_novelty_filter_and_allow_seen(model_vocab):
+    model, vocab = model_vocab
+    free = generate_names(model, vocab, 40, NameFilter(min_len=1, max_len=3), set(), seed=1)
+    seen = set(free[:20])
+    novel = generate_names(model, vocab, 40, NameFilter(min_len=1, max_len=3), seen, seed=1)
+    assert not seen & set(novel)
+    kept = generate_names(model, vocab, 40, NameFilter(min_len=1, max_len=3, allow_seen=True), seen, seed=1)
+    assert kept == free  # same seed, same draws, nothing rejected
+
+
+def test_same_seed_same_names(model_vocab):
+    model, vocab = model_vocab
+    a = generate_names(model, vocab, 10, NameFilter(), set(), seed=7)
+    b = generate_names(model, vocab, 10, NameFilter(), set(), seed=7)
+    c = generate_names(model, vocab, 10, NameFilter(), set(), seed=8)
+    assert a == b and a != c
+
+
+def test_generation_is_batched(model_vocab, monkeypatch):
+    """1000 names cost a few rounds of (max_len + 1) model calls, never one call per name."""
+    model, vocab = model_vocab
+    calls = []
+    real = model.forward
+
+    def counting(ids, state, **kw):
+        calls.append(ids.shape[1])
+        return real(ids, state, **kw)
+
+    monkeypatch.setattr(model, "forward", counting)
+    flt = NameFilter(min_len=2, max_len=10, allow_seen=True)
+    out = generate_names(model, vocab, 1000, flt, set(), temperature=1.0, seed=3)
+    assert len(out) == 1000
+    assert len(calls) < 1000 / 10  # rounds x steps, far fewer than names
+    assert max(calls) >= 512  # whole batches advance together
+
+
+def test_impossible_constraints_return_what_was_found(model_vocab):
+    model, vocab = model_vocab
+    out = generate_names(model, vocab, 5, NameFilter(contains="zz"), set(), seed=0, max_candidates=600)
+    assert out == []
+
+
+def test_bad_requests(model_vocab):
+    model, vocab = model_vocab
+    with pytest.raises(ValueError, match="max-len \\(2\\) must be >= min-len \\(3\\)"):
+        generate_names(model, vocab, 5, NameFilter(min_len=3, max_len=2), set())
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        generate_names(model, vocab, 0, NameFilter(), set())
+    with pytest.raises(ValueError, match="not in the model's vocabulary"):
+        generate_names(model, vocab, 5, NameFilter(start="z"), set())
+    prose = Vocab.build(Counter(LETTERS))
+    with pytest.raises(ValueError, match="not trained on lines"):
+        generate_names(model, prose, 5, NameFilter(), set())
+
+
+def test_lengths_follow_the_end_token(model_vocab):
+    """The end token's probability controls lengths: a strong end bias gives short names."""
+    model, vocab = model_vocab
+    old = model.params["decoder.bias"].copy()
+    try:
+        model.params["decoder.bias"][vocab.eos_id] = 6.0
+        out = generate_names(model, vocab, 30, NameFilter(min_len=1, allow_seen=True), set(), seed=2)
+        assert np.mean([len(n) for n in out]) < 2.5
+    finally:
+        model.params["decoder.bias"][:] = old
