@@ -15,6 +15,7 @@ Dimension letters: T=time, B=batch, H=hidden, G=gate blocks, V=vocab, N=T*B rows
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from types import ModuleType
@@ -153,8 +154,11 @@ class HostBackend:
 
 
 def cuda_usable() -> bool:
-    """True when numba finds a real GPU (never under the CUDA simulator)."""
+    """True when numba finds a real GPU and CuPy (whose cuBLAS runs the GEMMs) is installed;
+    never under the CUDA simulator."""
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return False
+    if importlib.util.find_spec("cupy") is None:
         return False
     try:
         from numba import cuda
@@ -179,7 +183,8 @@ def get_backend(name: str = "auto"):
 
         return HostBackend("cpu", cpu)
     if not cuda_usable():
-        raise ValueError("device 'cuda' requested but no CUDA GPU was found; use --device cpu")
+        raise ValueError("device 'cuda' requested but no CUDA GPU (or no CuPy: pip install "
+                         "'charrnn[cuda]') was found; use --device cpu")
     from charrnn.cuda_backend import CudaBackend
 
     return CudaBackend()

@@ -1,0 +1,833 @@
+"""numba.cuda twins of every kernel in `reference.py`, plus the persistent recurrence.
+
+Launchers carry the reference names and argument orders and take device arrays: numba
+device arrays, or any `__cuda_array_interface__` object such as a CuPy array (wrapped
+without a stream sync: everything runs on the legacy default stream, which CuPy uses too).
+Under numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) they take numpy arrays, so the same
+code runs in the tests on a machine without a GPU. Launchers that return a float (the
+summed loss, a sum of squares) copy one scalar to the host.
+
+Every kernel loops over a grid stride (or, for row kernels, a block stride over rows), so
+a test that sets THREADS and MAX_BLOCKS small runs several blocks on tiny shapes.
+
+Determinism: no float atomics anywhere. scatter_add_rows gives each thread whole columns
+and adds rows in order; sums (loss, sum of squares) reduce per block in a fixed tree into
+partial sums, then one block reduces those: the same grid gives the same bits every run.
+
+The persistent recurrence (`persistent_layer_forward/backward`) runs all T steps of one
+layer in one cooperative launch. Block k owns hidden units [k*U, k*U+U) and keeps the
+W_hh entries those units need in shared memory for the whole window: forward, the G gate
+rows of its units (G*U x H); backward, the matching columns (G*H x U). Each step, every
+block reads the previous step's h (forward) or dL/dhp (backward) of ALL units from global
+memory, computes its units' recurrent products and fused cell maths, writes its slice, and
+the grid synchronises (`cuda.cg.this_grid().sync()`). U is the smallest that fits: shared
+memory G*U*H*itemsize <= SMEM_LIMIT, and ceil(H/U) blocks co-resident on the GPU.
+
+Dimension letters: B=batch, H=hidden, G=gate blocks (4 LSTM, 3 GRU, 1 RNN), V=vocab,
+N=rows, D=columns, T=time, U=hidden units per block.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numba
+import numpy as np
+from numba import cuda, float64
+
+from charrnn.config import GATES
+
+try:  # numba-cuda keeps its own config; older numba has it at the top level
+    from numba.cuda import config as _cuda_config
+except ImportError:  # pragma: no cover
+    from numba import config as _cuda_config
+
+SIM = bool(getattr(_cuda_config, "ENABLE_CUDASIM", 0))  # numba's CUDA simulator is on
+
+THREADS = 256  # block size of the element-wise, row and reduction kernels (a power of 2)
+MAX_BLOCKS = 1024  # grid cap: larger problems are covered by the grid stride
+PERSISTENT_THREADS = 256  # block size cap of the persistent recurrence
+SMEM_LIMIT = 48 * 1024  # dynamic shared memory per block without the opt-in attribute
+_RED = 1024  # shared buffer of the block reductions: THREADS may not exceed it
+
+
+# Small grids here are deliberate (the second pass of a reduction, one block per sampled
+# row, a persistent grid sized to the GPU): numba would warn on each such launch site.
+warnings.filterwarnings("ignore",
+                        message=r"Grid size \d+ will likely result in GPU under-utilization")
+
+
+class PersistentUnavailable(ValueError):
+    """The persistent recurrence cannot run this layer here (W_hh too large for the GPU's
+    co-resident blocks, or the cooperative kernel failed to compile or link): use the
+    per-step design."""
+
+
+# ---------------------------------------------------------------- launch helpers
+
+
+def _dev(a):
+    """A kernel argument: CuPy (or any CUDA array interface) wrapped as a numba array
+    without syncing its stream; numba device arrays, numpy (simulator) and scalars as is."""
+    if SIM or a is None or isinstance(a, np.ndarray) or cuda.devicearray.is_cuda_ndarray(a):
+        return a
+    if hasattr(a, "__cuda_array_interface__"):
+        return cuda.as_cuda_array(a, sync=False)
+    return a
+
+
+def _grid(n: int) -> int:
+    return max(1, min((n + THREADS - 1) // THREADS, MAX_BLOCKS))
+
+
+def _check_threads():
+    if THREADS < 1 or THREADS > _RED or THREADS & (THREADS - 1):
+        raise ValueError(f"THREADS must be a power of 2 in [1, {_RED}], got {THREADS}")
+
+
+def _flat(a):
+    """1-D view of a contiguous array (numpy, numba or CuPy)."""
+    return a.reshape(a.size) if a.ndim != 1 else a
+
+
+def _scalar(a) -> float:
+    return float(a.copy_to_host()[0])
+
+
+_SCRATCH: dict = {}  # tag -> float64 device buffer, grown on demand, reused across calls
+
+
+def _scratch(tag: str, n: int):
+    """n float64 of a device buffer kept between calls. Safe to reuse: every launch runs on
+    the one default stream, in order, so a later call cannot overwrite it early."""
+    buf = _SCRATCH.get(tag)
+    if buf is None or buf.size < n:
+        buf = _SCRATCH[tag] = cuda.device_array(max(n, 1), np.float64)
+    return buf[:n]
+
+
+# ---------------------------------------------------------------- cell maths (device)
+
+
+@cuda.jit(device=True)
+def _sigmoid(x, one):
+    # exp(-|x|) never overflows (float32 exp(89) is inf); as cpu._sigmoid.
+    e = math.exp(-abs(x))
+    return (one if x >= 0 else e) / (one + e)
+
+
+@cuda.jit(device=True)
+def _lstm_cell(pi, pf, pg, po, cp, one):
+    gi = _sigmoid(pi, one)
+    gf = _sigmoid(pf, one)
+    gg = math.tanh(pg)
+    go = _sigmoid(po, one)
+    c = gf * cp + gi * gg
+    return gi, gf, gg, go, c, go * math.tanh(c)
+
+
+@cuda.jit(device=True)
+def _lstm_cell_back(gi, gf, gg, go, cp, c, dh, dc, one):
+    """-> dL/d(pre) of i, f, g, o and dL/dc_{t-1}."""
+    tc = math.tanh(c)
+    dct = dc + dh * go * (one - tc * tc)
+    return (dct * gg * gi * (one - gi), dct * cp * gf * (one - gf), dct * gi * (one - gg * gg),
+            dh * tc * go * (one - go), dct * gf)
+
+
+@cuda.jit(device=True)
+def _gru_cell(xr, xz, xn, hr, hz, hnv, hprev, one):
+    """hr, hz, hnv: recurrent products with b_hh added -> r, z, n, h."""
+    r = _sigmoid(xr + hr, one)
+    z = _sigmoid(xz + hz, one)
+    n = math.tanh(xn + r * hnv)
+    return r, z, n, (one - z) * n + z * hprev
+
+
+@cuda.jit(device=True)
+def _gru_cell_back(r, z, n, hnv, hprev, dh, one):
+    """-> dL/dxp of r, z, n; dL/dhp of n (r * dn); the direct path z * dh."""
+    dn = dh * (one - z) * (one - n * n)
+    dr = dn * hnv * r * (one - r)
+    dz = dh * (hprev - n) * z * (one - z)
+    return dr, dz, dn, dn * r, dh * z
+
+
+# ---------------------------------------------------------------- step kernels
+
+
+@cuda.jit(cache=True)
+def _lstm_forward_step_kernel(xp, hp, b_hh, c_prev, act, c, h):
+    B, H = c.shape
+    one = c.dtype.type(1)
+    for k in range(cuda.grid(1), B * H, cuda.gridsize(1)):
+        b = k // H
+        j = k - b * H
+        gi, gf, gg, go, cc, hh = _lstm_cell(
+            xp[b, j] + hp[b, j] + b_hh[j], xp[b, H + j] + hp[b, H + j] + b_hh[H + j],
+            xp[b, 2 * H + j] + hp[b, 2 * H + j] + b_hh[2 * H + j],
+            xp[b, 3 * H + j] + hp[b, 3 * H + j] + b_hh[3 * H + j], c_prev[b, j], one)
+        act[b, j] = gi
+        act[b, H + j] = gf
+        act[b, 2 * H + j] = gg
+        act[b, 3 * H + j] = go
+        c[b, j] = cc
+        h[b, j] = hh
+
+
+def lstm_forward_step(xp, hp, b_hh, c_prev, act, c, h):
+    """xp, hp (B,4H); b_hh (4H,); c_prev (B,H) -> act (B,4H) = [i,f,g,o] activated, c, h (B,H)."""
+    _lstm_forward_step_kernel[_grid(c.size), THREADS](
+        _dev(xp), _dev(hp), _dev(b_hh), _dev(c_prev), _dev(act), _dev(c), _dev(h))
+
+
+@cuda.jit(cache=True)
+def _lstm_backward_step_kernel(act, c_prev, c, dh, dc, dpre):
+    B, H = c.shape
+    one = c.dtype.type(1)
+    for k in range(cuda.grid(1), B * H, cuda.gridsize(1)):
+        b = k // H
+        j = k - b * H
+        di, df, dg, do, dcp = _lstm_cell_back(act[b, j], act[b, H + j], act[b, 2 * H + j],
+                                              act[b, 3 * H + j], c_prev[b, j], c[b, j],
+                                              dh[b, j], dc[b, j], one)
+        dpre[b, j] = di
+        dpre[b, H + j] = df
+        dpre[b, 2 * H + j] = dg
+        dpre[b, 3 * H + j] = do
+        dc[b, j] = dcp
+
+
+def lstm_backward_step(act, c_prev, c, dh, dc, dpre):
+    """act (B,4H); c_prev, c (B,H); dh (B,H): dL/dh_t in full.
+    dc (B,H): in = dL/dc_t from step t+1, out = dL/dc_{t-1} (updated in place).
+    dpre (B,4H) out: dL/d(pre-activation), which is both dL/dxp and dL/dhp."""
+    _lstm_backward_step_kernel[_grid(c.size), THREADS](
+        _dev(act), _dev(c_prev), _dev(c), _dev(dh), _dev(dc), _dev(dpre))
+
+
+@cuda.jit(cache=True)
+def _gru_forward_step_kernel(xp, hp, b_hh, h_prev, act, hn, h):
+    B, H = h.shape
+    one = h.dtype.type(1)
+    for k in range(cuda.grid(1), B * H, cuda.gridsize(1)):
+        b = k // H
+        j = k - b * H
+        hnv = hp[b, 2 * H + j] + b_hh[2 * H + j]
+        r, z, n, hh = _gru_cell(xp[b, j], xp[b, H + j], xp[b, 2 * H + j], hp[b, j] + b_hh[j],
+                                hp[b, H + j] + b_hh[H + j], hnv, h_prev[b, j], one)
+        act[b, j] = r
+        act[b, H + j] = z
+        act[b, 2 * H + j] = n
+        hn[b, j] = hnv
+        h[b, j] = hh
+
+
+def gru_forward_step(xp, hp, b_hh, h_prev, act, hn, h):
+    """xp, hp (B,3H); b_hh (3H,); h_prev (B,H) -> act (B,3H) = [r,z,n], hn (B,H) = W_hn h + b_hn, h (B,H)."""
+    _gru_forward_step_kernel[_grid(h.size), THREADS](
+        _dev(xp), _dev(hp), _dev(b_hh), _dev(h_prev), _dev(act), _dev(hn), _dev(h))
+
+
+@cuda.jit(cache=True)
+def _gru_backward_step_kernel(act, hn, h_prev, dh, dxp, dhp, dh_prev):
+    B, H = dh.shape
+    one = dh.dtype.type(1)
+    for k in range(cuda.grid(1), B * H, cuda.gridsize(1)):
+        b = k // H
+        j = k - b * H
+        dr, dz, dn, dnr, direct = _gru_cell_back(act[b, j], act[b, H + j], act[b, 2 * H + j],
+                                                 hn[b, j], h_prev[b, j], dh[b, j], one)
+        dxp[b, j] = dr
+        dxp[b, H + j] = dz
+        dxp[b, 2 * H + j] = dn
+        dhp[b, j] = dr
+        dhp[b, H + j] = dz
+        dhp[b, 2 * H + j] = dnr
+        dh_prev[b, j] = direct
+
+
+def gru_backward_step(act, hn, h_prev, dh, dxp, dhp, dh_prev):
+    """act (B,3H); hn, h_prev, dh (B,H) -> dxp (B,3H) = dL/dxp, dhp (B,3H) = dL/dhp (b_hh included),
+    dh_prev (B,H) = the direct path z * dh (the W_hh path is added by the caller)."""
+    _gru_backward_step_kernel[_grid(dh.size), THREADS](
+        _dev(act), _dev(hn), _dev(h_prev), _dev(dh), _dev(dxp), _dev(dhp), _dev(dh_prev))
+
+
+@cuda.jit(cache=True)
+def _rnn_forward_step_kernel(xp, hp, b_hh, h):
+    B, H = h.shape
+    for k in range(cuda.grid(1), B * H, cuda.gridsize(1)):
+        b = k // H
+        j = k - b * H
+        h[b, j] = math.tanh(xp[b, j] + hp[b, j] + b_hh[j])
+
+
+def rnn_forward_step(xp, hp, b_hh, h):
+    """xp, hp (B,H); b_hh (H,) -> h (B,H) = tanh(xp + hp + b_hh)."""
+    _rnn_forward_step_kernel[_grid(h.size), THREADS](_dev(xp), _dev(hp), _dev(b_hh), _dev(h))
+
+
+@cuda.jit(cache=True)
+def _rnn_backward_step_kernel(h, dh, dpre):
+    B, H = h.shape
+    one = h.dtype.type(1)
+    for k in range(cuda.grid(1), B * H, cuda.gridsize(1)):
+        b = k // H
+        j = k - b * H
+        dpre[b, j] = dh[b, j] * (one - h[b, j] * h[b, j])
+
+
+def rnn_backward_step(h, dh, dpre):
+    """h, dh (B,H) -> dpre (B,H) = dL/d(pre-activation) = dL/dxp = dL/dhp."""
+    _rnn_backward_step_kernel[_grid(h.size), THREADS](_dev(h), _dev(dh), _dev(dpre))
+
+
+# ---------------------------------------------------------------- embedding table
+# Ids are not range-checked here (a kernel cannot raise): the model checks them on the host.
+
+
+@cuda.jit(cache=True)
+def _gather_rows_kernel(table, ids, out):
+    N, D = out.shape
+    for k in range(cuda.grid(1), N * D, cuda.gridsize(1)):
+        n = k // D
+        d = k - n * D
+        out[n, d] = table[ids[n], d]
+
+
+def gather_rows(table, ids, out):
+    """table (V,D); ids (N,) int -> out (N,D) = table[ids]."""
+    _gather_rows_kernel[_grid(out.size), THREADS](_dev(table), _dev(ids), _dev(out))
+
+
+@cuda.jit(cache=True)
+def _scatter_add_rows_kernel(ids, d, out):
+    N, D = d.shape
+    # One thread per column, rows added in order 0..N-1 as np.add.at does: no races, no
+    # atomics, and the reference's sums bit for bit.
+    for j in range(cuda.grid(1), D, cuda.gridsize(1)):
+        for n in range(N):
+            out[ids[n], j] += d[n, j]
+
+
+def scatter_add_rows(ids, d, out):
+    """ids (N,) int; d (N,D) -> out (V,D) += sum of d's rows into the rows named by ids."""
+    _scatter_add_rows_kernel[_grid(d.shape[1]), THREADS](_dev(ids), _dev(d), _dev(out))
+
+
+# ---------------------------------------------------------------- block reductions
+
+
+@cuda.jit(device=True)
+def _block_reduce(buf, v, take_max):
+    """Sum (or max) of v over the block, in a fixed tree; every thread gets the result.
+    blockDim.x must be a power of 2 no larger than buf."""
+    tid = cuda.threadIdx.x
+    buf[tid] = v
+    cuda.syncthreads()
+    s = cuda.blockDim.x // 2
+    while s > 0:
+        if tid < s:
+            if take_max:
+                buf[tid] = max(buf[tid], buf[tid + s])
+            else:
+                buf[tid] = buf[tid] + buf[tid + s]
+        cuda.syncthreads()
+        s //= 2
+    r = buf[0]
+    cuda.syncthreads()  # buf is free again for the next reduction
+    return r
+
+
+@cuda.jit(cache=True)
+def _partial_sums_kernel(a, square, part):
+    """part[block] = this block's share of sum(a) (or sum(a*a)), accumulated in float64."""
+    buf = cuda.shared.array(_RED, float64)
+    acc = 0.0
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        x = float64(a[i])
+        acc += x * x if square else x
+    s = _block_reduce(buf, acc, False)
+    if cuda.threadIdx.x == 0:
+        part[cuda.blockIdx.x] = s
+
+
+def _device_sum(a, square: bool) -> float:
+    """Sum of a 1-D device array (or of its squares): partial sums per block, then one block
+    sums those. Deterministic for a given size, THREADS and MAX_BLOCKS."""
+    _check_threads()
+    nb = _grid(a.size)
+    part = _scratch("part", nb)  # (blocks,) partial sums
+    out = _scratch("sum", 1)
+    _partial_sums_kernel[nb, THREADS](a, 1 if square else 0, part)
+    _partial_sums_kernel[1, THREADS](part, 0, out)
+    return _scalar(out)
+
+
+def sum_squares(g):
+    """Sum of squares of an array, accumulated in float64 (global-norm clipping)."""
+    return _device_sum(_flat(_dev(g)), True)
+
+
+# ---------------------------------------------------------------- loss
+
+
+@cuda.jit(cache=True)
+def _softmax_xent_kernel(logits, targets, mask, scale, dlogits, row_loss):
+    N, V = logits.shape
+    buf = cuda.shared.array(_RED, float64)
+    tid = cuda.threadIdx.x
+    for n in range(cuda.blockIdx.x, N, cuda.gridDim.x):  # one block per row
+        mk = mask[n]
+        if mk == 0:
+            for j in range(tid, V, cuda.blockDim.x):
+                dlogits[n, j] = 0
+            if tid == 0:
+                row_loss[n] = 0.0
+            continue
+        t = targets[n]
+        xt = logits[n, t]  # read before the row is overwritten (dlogits may alias logits)
+        m = logits[n, 0]
+        for j in range(tid, V, cuda.blockDim.x):
+            m = max(m, logits[n, j])
+        m = logits.dtype.type(_block_reduce(buf, m, True))  # exact: a max of dtype values
+        s = 0.0  # float64 accumulator
+        for j in range(tid, V, cuda.blockDim.x):
+            s += math.exp(logits[n, j] - m)
+        s = _block_reduce(buf, s, False)
+        w = mk * scale / s
+        for j in range(tid, V, cuda.blockDim.x):
+            g = math.exp(logits[n, j] - m) * w
+            if j == t:
+                g -= mk * scale
+            dlogits[n, j] = g
+        if tid == 0:
+            row_loss[n] = (math.log(s) + m - xt) * mk
+
+
+def softmax_xent(logits, targets, mask, scale, dlogits):
+    """logits (N,V); targets (N,) int; mask (N,) float (1 = counts) -> returns the summed loss
+    sum_n mask_n * -log softmax(logits_n)[target_n]; writes dlogits (N,V) = d(scale * loss)/dlogits.
+    dlogits may be the logits array itself (each row is read before it is written)."""
+    _check_threads()
+    N = logits.shape[0]
+    row_loss = _scratch("row_loss", N)  # (N,) per-row losses
+    _softmax_xent_kernel[max(1, min(N, MAX_BLOCKS)), THREADS](
+        _dev(logits), _dev(targets), _dev(mask), float(scale), _dev(dlogits), row_loss)
+    return _device_sum(row_loss, False)
+
+
+@cuda.jit(cache=True)
+def _log_softmax_rows_kernel(logits, out):
+    N, V = logits.shape
+    buf = cuda.shared.array(_RED, float64)
+    tid = cuda.threadIdx.x
+    for n in range(cuda.blockIdx.x, N, cuda.gridDim.x):
+        m = logits[n, 0]
+        for j in range(tid, V, cuda.blockDim.x):
+            m = max(m, logits[n, j])
+        m = logits.dtype.type(_block_reduce(buf, m, True))
+        s = 0.0
+        for j in range(tid, V, cuda.blockDim.x):
+            s += math.exp(logits[n, j] - m)
+        ls = math.log(_block_reduce(buf, s, False))
+        for j in range(tid, V, cuda.blockDim.x):
+            out[n, j] = (logits[n, j] - m) - ls
+
+
+def log_softmax_rows(logits, out):
+    """logits (N,V) -> out (N,V) = log softmax per row (scoring and evaluation)."""
+    _check_threads()
+    _log_softmax_rows_kernel[max(1, min(logits.shape[0], MAX_BLOCKS)), THREADS](
+        _dev(logits), _dev(out))
+
+
+# ---------------------------------------------------------------- sampling
+
+
+@cuda.jit(cache=True)
+def _sample_rows_kernel(logits, temperature, top_k, top_p, u, work, out):
+    # work (B*2V,) float64: per row, [0, V) the ids in descending-logit order (ties: lower
+    # id first, as the reference's stable argsort), [V, 2V) their probabilities.
+    B, V = logits.shape
+    tid, nt = cuda.threadIdx.x, cuda.blockDim.x
+    for b in range(cuda.blockIdx.x, B, cuda.gridDim.x):  # one block per row
+        o = b * 2 * V
+        for j in range(tid, V, nt):
+            work[o + j] = j  # every slot a valid id even if NaN logits collide in rank
+        cuda.syncthreads()
+        for j in range(tid, V, nt):
+            x = logits[b, j]
+            rank = 0
+            for i in range(V):
+                y = logits[b, i]
+                if y > x or (y == x and i < j):
+                    rank += 1
+            work[o + rank] = j
+        cuda.syncthreads()
+        z0 = float64(logits[b, int(work[o])]) / temperature
+        for r in range(tid, V, nt):
+            work[o + V + r] = math.exp(float64(logits[b, int(work[o + r])]) / temperature - z0)
+        cuda.syncthreads()
+        if tid == 0:  # the prefix sums are sequential, as np.cumsum
+            p = o + V
+            keep = V if top_k <= 0 else min(top_k, V)
+            if top_p < 1.0:
+                s = 0.0
+                for i in range(keep):
+                    s += work[p + i]
+                c = 0.0
+                for i in range(keep):
+                    c += work[p + i]
+                    if c / s >= top_p:  # the smallest prefix reaching top_p
+                        keep = i + 1
+                        break
+            total = 0.0
+            for i in range(keep):
+                total += work[p + i]
+            target = u[b] * total
+            pick = keep - 1
+            c = 0.0
+            for i in range(keep):
+                c += work[p + i]
+                if c > target:
+                    pick = i
+                    break
+            out[b] = int(work[o + pick])
+
+
+def sample_rows(logits, temperature, top_k, top_p, u, out):
+    """logits (B,V); u (B,) uniforms -> out (B,) ids, each row drawn as sample_logits.
+    Host (numpy) arrays are accepted too: copied in, and out copied back (the sampler)."""
+    B, V = logits.shape
+    host_out = isinstance(out, np.ndarray) and not SIM
+    args = [_dev(logits), float(temperature), int(top_k), float(top_p), _dev(u),
+            _scratch("sample", B * 2 * V), _dev(out)]
+    if not SIM:
+        args = [cuda.to_device(a) if isinstance(a, np.ndarray) else a for a in args]
+    _sample_rows_kernel[max(1, min(B, MAX_BLOCKS)), THREADS](*args)
+    if host_out:
+        args[6].copy_to_host(out)
+
+
+def sample_logits(logits, temperature, top_k, top_p, u):
+    """logits (V,); temperature > 0; top_k (0 = off); top_p in (0,1] (1 = off); u uniform in [0,1).
+    Returns the sampled id, the same as reference.sample_logits for the same u."""
+    out = np.zeros(1, np.int64)
+    sample_rows(logits.reshape(1, logits.shape[0]), temperature, top_k, top_p,
+                np.array([u], np.float64), out)
+    return int(out[0])
+
+
+# ---------------------------------------------------------------- optimizer
+
+
+@cuda.jit(cache=True)
+def _adam_kernel(p, g, m, v, lr, beta1, beta2, c1, c2, eps, bc1, bc2, l2, shrink, use_l2,
+                 use_decay):
+    # Scalars arrive in the arrays' dtype; operations in the reference's order.
+    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+        pv = p[i]
+        if use_decay:
+            pv = pv * shrink
+        gg = g[i] + l2 * pv if use_l2 else g[i]
+        mv = m[i] * beta1
+        mv = mv + c1 * gg
+        vv = v[i] * beta2
+        vv = vv + c2 * gg * gg
+        m[i] = mv
+        v[i] = vv
+        p[i] = pv - lr * (mv / bc1) / (math.sqrt(vv / bc2) + eps)
+
+
+def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, l2, decay):
+    """In place on p, m, v (same shape). bc1 = 1 - beta1**t, bc2 = 1 - beta2**t.
+    l2: classic Adam weight decay (added to the gradient); decay: AdamW's decoupled
+    decay (p *= 1 - lr*decay first). Matches torch.optim.Adam / AdamW."""
+    dt = np.dtype(p.dtype).type
+    _adam_kernel[_grid(p.size), THREADS](
+        _flat(_dev(p)), _flat(_dev(g)), _flat(_dev(m)), _flat(_dev(v)), dt(lr), dt(beta1),
+        dt(beta2), dt(1.0 - beta1), dt(1.0 - beta2), dt(eps), dt(bc1), dt(bc2), dt(l2),
+        dt(1.0 - lr * decay), 1 if l2 else 0, 1 if decay else 0)
+
+
+# ---------------------------------------------------------------- persistent recurrence
+
+# Built per (direction, cell, dtype) so the cell's branches and the shared-memory dtype are
+# compile-time constants; not disk-cached (closures), compiled on first use in a process.
+_KERNELS: dict = {}  # (direction, cell, dtype) -> compiled-on-demand kernel
+_PLANS: dict = {}  # (direction, cell, dtype, B, H) -> (U, blocks, threads)
+
+
+def _forward_kernel(cell: str, dtype):
+    key = ("forward", cell, np.dtype(dtype).str)
+    if key in _KERNELS:
+        return _KERNELS[key]
+    G = GATES[cell]
+    LSTM, GRU = cell == "lstm", cell == "gru"
+    smem_type = numba.from_dtype(np.dtype(dtype))
+
+    @cuda.jit
+    def kernel(xp, w_hh, b_hh, h0, c0, hmask, use_mask, U, s0, s1, hs, act, cs, hn):
+        """Steps s0..s1-1 of one layer; this block's units j0..j0+Uk-1."""
+        B, H = h0.shape
+        one = hs.dtype.type(1)
+        zero = one - one
+        GU = G * U
+        j0 = cuda.blockIdx.x * U
+        Uk = max(0, min(U, H - j0))  # the last block may own fewer (spare blocks none)
+        tid, nt = cuda.threadIdx.x, cuda.blockDim.x
+        w = cuda.shared.array(0, smem_type)  # (H, G*U): W_hh rows of our units, transposed
+        for idx in range(tid, H * GU, nt):
+            kk = idx // GU
+            r = idx - kk * GU
+            q = r // U
+            jj = r - q * U
+            if jj < Uk:
+                w[idx] = w_hh[q * H + j0 + jj, kk]
+        cuda.syncthreads()
+        grid = cuda.cg.this_grid()
+        for t in range(s0, s1):
+            if t > s0:
+                grid.sync()  # every block's h of step t-1 is written
+            for pair in range(tid, B * Uk, nt):
+                b = pair // Uk
+                jj = pair - b * Uk
+                j = j0 + jj
+                a0 = zero
+                a1 = zero
+                a2 = zero
+                a3 = zero
+                for kk in range(H):  # recurrent products of our G gates: (h*mask) @ W.T
+                    hv = h0[b, kk] if t == 0 else hs[t - 1, b, kk]
+                    if use_mask:
+                        hv = hv * hmask[b, kk]
+                    base = kk * GU + jj
+                    a0 += hv * w[base]
+                    if G > 1:
+                        a1 += hv * w[base + U]
+                        a2 += hv * w[base + 2 * U]
+                    if G > 3:
+                        a3 += hv * w[base + 3 * U]
+                if LSTM:
+                    cp = c0[b, j] if t == 0 else cs[t - 1, b, j]
+                    gi, gf, gg, go, cc, hh = _lstm_cell(
+                        xp[t, b, j] + a0 + b_hh[j], xp[t, b, H + j] + a1 + b_hh[H + j],
+                        xp[t, b, 2 * H + j] + a2 + b_hh[2 * H + j],
+                        xp[t, b, 3 * H + j] + a3 + b_hh[3 * H + j], cp, one)
+                    act[t, b, j] = gi
+                    act[t, b, H + j] = gf
+                    act[t, b, 2 * H + j] = gg
+                    act[t, b, 3 * H + j] = go
+                    cs[t, b, j] = cc
+                    hs[t, b, j] = hh
+                elif GRU:
+                    hprev = h0[b, j] if t == 0 else hs[t - 1, b, j]
+                    hnv = a2 + b_hh[2 * H + j]
+                    r, z, n, hh = _gru_cell(xp[t, b, j], xp[t, b, H + j], xp[t, b, 2 * H + j],
+                                            a0 + b_hh[j], a1 + b_hh[H + j], hnv, hprev, one)
+                    act[t, b, j] = r
+                    act[t, b, H + j] = z
+                    act[t, b, 2 * H + j] = n
+                    hn[t, b, j] = hnv
+                    hs[t, b, j] = hh
+                else:
+                    hs[t, b, j] = math.tanh(xp[t, b, j] + a0 + b_hh[j])
+
+    _KERNELS[key] = kernel
+    return kernel
+
+
+def _backward_kernel(cell: str, dtype):
+    key = ("backward", cell, np.dtype(dtype).str)
+    if key in _KERNELS:
+        return _KERNELS[key]
+    G = GATES[cell]
+    LSTM, GRU = cell == "lstm", cell == "gru"
+    smem_type = numba.from_dtype(np.dtype(dtype))
+
+    @cuda.jit
+    def kernel(w_hh, hmask, use_mask, h0, c0, hs, act, cs, hn, dhs, U, s0, s1, dxp, dhp, dc,
+               direct, dh0):
+        """Reverse steps s0..s1-1 (t = T-1-s; s = T computes dh0 only); our units only.
+        dc (LSTM) and direct (GRU, z * dh) carry each unit's own state between steps."""
+        T, B, H = hs.shape
+        one = hs.dtype.type(1)
+        zero = one - one
+        GH = G * H
+        j0 = cuda.blockIdx.x * U
+        Uk = max(0, min(U, H - j0))
+        tid, nt = cuda.threadIdx.x, cuda.blockDim.x
+        w = cuda.shared.array(0, smem_type)  # (G*H, U): W_hh columns of our units
+        for idx in range(tid, GH * U, nt):
+            r = idx // U
+            jj = idx - r * U
+            if jj < Uk:
+                w[idx] = w_hh[r, j0 + jj]
+        cuda.syncthreads()
+        grid = cuda.cg.this_grid()
+        for s in range(s0, s1):
+            if s > s0:
+                grid.sync()  # every block's dL/dhp of step t+1 is written
+            t = T - 1 - s
+            for pair in range(tid, B * Uk, nt):
+                b = pair // Uk
+                jj = pair - b * Uk
+                j = j0 + jj
+                rec = zero  # dL/dh_t arriving from step t+1: (dhp @ W_hh) * mask + direct
+                if t + 1 < T:
+                    for r in range(GH):
+                        d = dhp[t + 1, b, r] if GRU else dxp[t + 1, b, r]
+                        rec += d * w[r * U + jj]
+                    if use_mask:
+                        rec = rec * hmask[b, j]
+                    if GRU:
+                        rec = rec + direct[b, j]
+                if t < 0:
+                    dh0[b, j] = rec
+                    continue
+                dh = dhs[t, b, j] + rec
+                if LSTM:
+                    cp = c0[b, j] if t == 0 else cs[t - 1, b, j]
+                    dcv = dc[b, j] if t + 1 < T else zero
+                    di, df, dg, do, dcp = _lstm_cell_back(
+                        act[t, b, j], act[t, b, H + j], act[t, b, 2 * H + j],
+                        act[t, b, 3 * H + j], cp, cs[t, b, j], dh, dcv, one)
+                    dxp[t, b, j] = di
+                    dxp[t, b, H + j] = df
+                    dxp[t, b, 2 * H + j] = dg
+                    dxp[t, b, 3 * H + j] = do
+                    dc[b, j] = dcp
+                elif GRU:
+                    hprev = h0[b, j] if t == 0 else hs[t - 1, b, j]
+                    dr, dz, dn, dnr, dd = _gru_cell_back(act[t, b, j], act[t, b, H + j],
+                                                         act[t, b, 2 * H + j], hn[t, b, j],
+                                                         hprev, dh, one)
+                    dxp[t, b, j] = dr
+                    dxp[t, b, H + j] = dz
+                    dxp[t, b, 2 * H + j] = dn
+                    dhp[t, b, j] = dr
+                    dhp[t, b, H + j] = dz
+                    dhp[t, b, 2 * H + j] = dnr
+                    direct[b, j] = dd
+                else:
+                    hv = hs[t, b, j]
+                    dxp[t, b, j] = dh * (one - hv * hv)
+
+    _KERNELS[key] = kernel
+    return kernel
+
+
+def _threads_for(B: int, U: int) -> int:
+    """Block size: one thread per (row, unit) pair, whole warps, at most PERSISTENT_THREADS."""
+    return max(1, min(PERSISTENT_THREADS, -(-B * U // 32) * 32))
+
+
+def _plan(kernel, args, key, G: int, B: int, H: int, itemsize: int, units: int,
+          stepwise: bool):
+    """(U, blocks, threads): the fewest units per block (most blocks) whose W_hh slice fits
+    SMEM_LIMIT and whose grid the GPU can hold at once (a cooperative launch must)."""
+    per_unit = G * H * itemsize  # shared bytes per owned unit
+    sig = tuple(numba.typeof(a) for a in args)  # occupancy depends on the compiled code
+    key = (*key, sig, PERSISTENT_THREADS, SMEM_LIMIT)
+    if units:
+        candidates = [units]
+    else:
+        candidates = range(1, min(H, SMEM_LIMIT // per_unit) + 1)
+        if key in _PLANS:
+            return _PLANS[key]
+    if stepwise:  # separate launches per step: any grid runs, no co-residency needed
+        for U in candidates:
+            if U * per_unit <= SMEM_LIMIT:
+                return U, -(-H // U), _threads_for(B, U)
+        raise PersistentUnavailable(f"hidden size {H}: W_hh slice of one unit "
+                                    f"({per_unit} bytes) exceeds SMEM_LIMIT={SMEM_LIMIT}")
+    if SIM:  # the simulator runs one block per cooperative grid (it has no grid barrier)
+        def max_blocks(threads, smem):
+            return kernel.overloads[None].max_cooperative_grid_blocks(threads)
+    else:
+        try:  # a cooperative kernel links libcudadevrt, which a CUDA install may lack
+            compiled = kernel.compile(sig)
+        except Exception as e:
+            raise PersistentUnavailable(f"persistent recurrence could not be built: {e}") from e
+
+        def max_blocks(threads, smem):
+            return compiled.max_cooperative_grid_blocks(threads, smem)
+    for U in candidates:
+        U = min(U, H)  # a forced U above H is one block
+        smem, nb, threads = U * per_unit, -(-H // U), _threads_for(B, U)
+        if smem <= SMEM_LIMIT and nb <= max_blocks(threads, smem):
+            if not units:
+                _PLANS[key] = (U, nb, threads)
+            return U, nb, threads
+    raise PersistentUnavailable(
+        f"persistent recurrence: H={H} (G={G}, {itemsize}-byte floats) needs W_hh "
+        f"({G * H * H * itemsize} bytes) spread over more co-resident blocks than this GPU "
+        f"holds with SMEM_LIMIT={SMEM_LIMIT}; use the per-step design (persistent=False)")
+
+
+_DUMMIES: dict = {}  # (dtype, ndim) -> 1-element device array
+
+
+def _dummy(a, ndim: int):
+    """A 1-element stand-in of a's dtype for an unused array argument (one signature)."""
+    if SIM:
+        return np.zeros((1,) * ndim, a.dtype)
+    key = (np.dtype(a.dtype).str, ndim)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = cuda.device_array((1,) * ndim, a.dtype)
+    return _DUMMIES[key]
+
+
+def persistent_layer_forward(cell, xp, w_hh, b_hh, h0, c0, hmask, hs, act, cs, hn, units=0,
+                             stepwise=False):
+    """One layer over a window in one cooperative launch (HostBackend.layer_forward's loop).
+    xp (T,B,G*H) input projections (b_ih included); w_hh (G*H,H); b_hh (G*H,); h0 (B,H);
+    c0 (B,H) (LSTM, else None); hmask (B,H) or None -> hs (T,B,H); act (T,B,G*H) (LSTM, GRU);
+    cs (T,B,H) (LSTM); hn (T,B,H) (GRU); the others None. units: hidden units per block
+    (0: planned). stepwise: one launch per step, any number of blocks (the simulator's way
+    to run several blocks: it has no grid barrier). Raises PersistentUnavailable (before
+    launching anything) when the layer does not fit."""
+    T, B, H = hs.shape
+    G = GATES[cell]
+    kernel = _forward_kernel(cell, hs.dtype)
+    d2, d3 = _dummy(hs, 2), _dummy(hs, 3)
+    args = [_dev(xp), _dev(w_hh), _dev(b_hh), _dev(h0), d2 if c0 is None else _dev(c0),
+            d2 if hmask is None else _dev(hmask), 0 if hmask is None else 1, 1, 0, T, _dev(hs),
+            d3 if act is None else _dev(act), d3 if cs is None else _dev(cs),
+            d3 if hn is None else _dev(hn)]
+    key = ("forward", cell, np.dtype(hs.dtype).str, B, H)
+    U, nb, threads = _plan(kernel, args, key, G, B, H, np.dtype(hs.dtype).itemsize, units,
+                           stepwise)
+    args[7] = U
+    launch = kernel[nb, threads, 0, G * U * H * np.dtype(hs.dtype).itemsize]
+    for s0, s1 in ([(t, t + 1) for t in range(T)] if stepwise else [(0, T)]):
+        args[8], args[9] = s0, s1
+        launch(*args)
+
+
+def persistent_layer_backward(cell, w_hh, hmask, h0, c0, hs, act, cs, hn, dhs, dxp, dhp, dc,
+                              direct, dh0, units=0, stepwise=False):
+    """The backward of persistent_layer_forward (HostBackend.layer_backward's loop).
+    dhs (T,B,H) = dL/dh_t from above -> dxp (T,B,G*H); dhp (T,B,3H) (GRU, else None: it is
+    dxp); dc (B,H) (LSTM) ends as dL/dc0; direct (B,H) (GRU) is scratch; dh0 (B,H).
+    The weight gradients are one GEMM over the window, left to the caller."""
+    T, B, H = hs.shape
+    G = GATES[cell]
+    kernel = _backward_kernel(cell, hs.dtype)
+    d2, d3 = _dummy(hs, 2), _dummy(hs, 3)
+    args = [_dev(w_hh), d2 if hmask is None else _dev(hmask), 0 if hmask is None else 1,
+            _dev(h0), d2 if c0 is None else _dev(c0), _dev(hs), d3 if act is None else _dev(act),
+            d3 if cs is None else _dev(cs), d3 if hn is None else _dev(hn), _dev(dhs), 1, 0,
+            T + 1, _dev(dxp), d3 if dhp is None else _dev(dhp), d2 if dc is None else _dev(dc),
+            d2 if direct is None else _dev(direct), _dev(dh0)]
+    key = ("backward", cell, np.dtype(hs.dtype).str, B, H)
+    U, nb, threads = _plan(kernel, args, key, G, B, H, np.dtype(hs.dtype).itemsize, units,
+                           stepwise)
+    args[10] = U
+    launch = kernel[nb, threads, 0, G * U * H * np.dtype(hs.dtype).itemsize]
+    for s0, s1 in ([(s, s + 1) for s in range(T + 1)] if stepwise else [(0, T + 1)]):
+        args[11], args[12] = s0, s1
+        launch(*args)
