@@ -4,7 +4,14 @@
 same text. Lines models (names) restart from a fresh state after every end token, so their
 samples are a stream of new lines.
 
-Dimension letters: T=time, B=batch, V=vocab.
+On a host backend the whole loop (cells, decoder, sampling) runs inside the kernel module's
+`generate_ids`, CHUNK characters per call with the state carried between calls; other
+backends (CUDA) take one `model.forward` and one `sample_rows` per character. Either way
+the uniforms come from one numpy Generator in the same order, so a seed names one text.
+`half=True` hands generate_ids its weight matrices as float16 (half the bytes to stream per
+character, so faster where they outgrow the caches); the text then differs from float32's.
+
+Dimension letters: T=time, B=batch, V=vocab, L=layers, H=hidden, G=gate blocks.
 """
 
 from __future__ import annotations
@@ -13,7 +20,12 @@ import codecs
 
 import numpy as np
 
+from charrnn.backend import HostBackend
 from charrnn.config import SampleConfig
+
+# Characters per generate_ids call: large enough that Python's share is noise (2x128 LSTM:
+# 256 characters take ~5 ms), small enough that output streams and `| head` ends at once.
+CHUNK = 256
 
 
 def _start_context(vocab, prime: str, lines: bool) -> np.ndarray:
@@ -27,10 +39,75 @@ def _start_context(vocab, prime: str, lines: bool) -> np.ndarray:
     return np.asarray(nl, np.int64)
 
 
-def generate(model, vocab, cfg: SampleConfig, lines: bool = False):
-    """Yield generated text piece by piece (cfg.length tokens; the prime is not included)."""
-    cfg.validate()
+def _half(name: str, w: np.ndarray) -> np.ndarray:
+    """w as float16, stored as its uint16 bits (what generate_ids takes)."""
+    big = float(np.abs(w).max(initial=0.0))
+    if big > float(np.finfo(np.float16).max):
+        raise ValueError(f"{name}: a weight of magnitude {big:g} overflows float16; "
+                         "sample without half precision")
+    return w.astype(np.float16).view(np.uint16)
+
+
+def _fused_chunks(model, table, state, cur: int, rng, cfg: SampleConfig, top_k: int, eos: int,
+                  half: bool):
+    """Yield ids (n,) CHUNK at a time from the kernels' generate_ids (host backends)."""
+    p, mc = model.params, model.cfg
+    L, H, GH = mc.layers, mc.hidden, mc.gates * mc.hidden
+    dt = model.dtype
+    # Per-layer weights stacked once per call: layers >= 1 all have width H.
+    w_ih = np.zeros((L - 1, GH, H), dt)  # (L-1,G*H,H)
+    b_ih = np.zeros((L - 1, GH), dt)  # (L-1,G*H)
+    for k in range(1, L):
+        w_ih[k - 1], b_ih[k - 1] = p[f"rnn.weight_ih_l{k}"], p[f"rnn.bias_ih_l{k}"]
+    w_hh = np.stack([p[f"rnn.weight_hh_l{k}"] for k in range(L)])  # (L,G*H,H)
+    b_hh = np.stack([p[f"rnn.bias_hh_l{k}"] for k in range(L)])  # (L,G*H)
+    dec_w = p["decoder.weight"]  # (V,H)
+    if half:
+        w_ih, w_hh, dec_w = (_half(n, w) for n, w in (("rnn.weight_ih", w_ih),
+                                                       ("rnn.weight_hh", w_hh),
+                                                       ("decoder.weight", dec_w)))
+    h = np.ascontiguousarray(state.h[:, 0])  # (L,H)
+    # GRU and RNN have no cell state; the kernel leaves this placeholder alone.
+    c = np.ascontiguousarray(state.c[:, 0]) if state.c is not None else np.zeros((0, 0), dt)
+    left = cfg.length
+    while left > 0:
+        n = min(CHUNK, left)
+        u = rng.random(n)  # (n,)
+        out = np.empty(n, np.int64)  # (n,)
+        model.backend.k.generate_ids(mc.cell, mc.residual, table, w_ih, b_ih, w_hh, b_hh,
+                                     dec_w, p["decoder.bias"], h, c, cur,
+                                     float(cfg.temperature), top_k, float(cfg.top_p), u, eos, out)
+        cur = int(out[-1])
+        left -= n
+        yield out
+
+
+def _stepwise_chunks(model, table, state, cur: int, rng, cfg: SampleConfig, top_k: int, eos: int):
+    """Yield ids (n,) CHUNK at a time, one model.forward per character (device backends)."""
     be = model.backend
+    x = np.zeros((1, 1), np.int64)  # (T=1, B=1)
+    pick = np.zeros(1, np.int64)  # (B=1,)
+    left = cfg.length
+    while left > 0:
+        n = min(CHUNK, left)
+        u = rng.random(n)  # (n,)
+        out = np.empty(n, np.int64)  # (n,)
+        for t in range(n):
+            x[0, 0] = cur
+            logits, state, _ = model.forward(x, state, table=table)
+            row = be.to_numpy(logits[0])  # (1,V)
+            be.k.sample_rows(row, cfg.temperature, top_k, cfg.top_p, u[t : t + 1], pick)
+            cur = out[t] = int(pick[0])
+            if cur == eos:
+                state = model.zero_state(1)
+        left -= n
+        yield out
+
+
+def generate(model, vocab, cfg: SampleConfig, lines: bool = False, half: bool = False):
+    """Yield generated text piece by piece (cfg.length tokens; the prime is not included).
+    half: sample with float16 weight matrices (host backends)."""
+    cfg.validate()
     rng = np.random.default_rng(cfg.seed)
     table = model.input_table()
     top_k = 1 if cfg.argmax else cfg.top_k
@@ -38,24 +115,19 @@ def generate(model, vocab, cfg: SampleConfig, lines: bool = False):
     state = model.zero_state(1)
     if len(context) > 1:
         _, state, _ = model.forward(context[:-1, None], state, table=table)
-    cur = int(context[-1])
-    out = np.zeros(1, np.int64)
-    x = np.zeros((1, 1), np.int64)  # (T=1, B=1)
+    eos = vocab.eos_id if lines else -1
+    args = (model, table, state, int(context[-1]), rng, cfg, top_k, eos)
+    if isinstance(model.backend, HostBackend):
+        chunks = _fused_chunks(*args, half)
+    elif half:
+        raise ValueError(f"half-precision sampling runs on the CPU, not on {model.backend.name!r}; "
+                         "use --device cpu")
+    else:
+        chunks = _stepwise_chunks(*args)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace") if vocab.kind == "bytes" else None
-    for _ in range(cfg.length):
-        x[0, 0] = cur
-        logits, state, _ = model.forward(x, state, table=table)
-        row = be.to_numpy(logits[0])  # (1,V)
-        be.k.sample_rows(row, cfg.temperature, top_k, cfg.top_p, rng.random(1), out)
-        cur = int(out[0])
-        if lines and cur == vocab.eos_id:
-            yield "\n"
-            state = model.zero_state(1)
-            continue
-        if utf8 is not None:
-            piece = utf8.decode(bytes(vocab.decode_bytes([cur])))
-        else:
-            piece = vocab.decode([cur])
+    for ids in chunks:
+        # <eos> decodes to a newline: a lines model's samples come out one per line.
+        piece = utf8.decode(vocab.decode_bytes(ids)) if utf8 is not None else vocab.decode(ids)
         if piece:
             yield piece
     if utf8 is not None:

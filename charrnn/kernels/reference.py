@@ -170,6 +170,50 @@ def sample_rows(logits, temperature, top_k, top_p, u, out):
         out[b] = sample_logits(logits[b], temperature, top_k, top_p, u[b])
 
 
+def generate_ids(cell, residual, table, w_ih, b_ih, w_hh, b_hh, dec_w, dec_b, h, c, start_id,
+                 temperature, top_k, top_p, u, eos_id, out):
+    """Batch-1 generation: feed start_id, then each sampled id, for len(u) steps.
+
+    cell "lstm" | "gru" | "rnn"; residual: layer k >= 1 outputs h_k + its input;
+    table (V,G*H) layer-0 input projections (bias_ih_l0 included); w_ih (L-1,G*H,H) and
+    b_ih (L-1,G*H) for layers >= 1; w_hh (L,G*H,H); b_hh (L,G*H); dec_w (V,H); dec_b (V,);
+    h (L,H) and c (L,H) (LSTM; unused otherwise) the state, updated in place; u (n,) uniforms;
+    out (n,) ids, each drawn as sample_logits from logits = dec_w @ top output + dec_b.
+    eos_id >= 0: sampling it resets h and c to zero before it is fed back (lines models
+    start every line fresh); -1: no reset. w_ih, w_hh, dec_w may be float16 stored as their
+    uint16 bits (numba has no float16 on the CPU); the arithmetic stays in h's dtype."""
+    w_ih, w_hh, dec_w = (w.view(np.float16) if w.dtype == np.uint16 else w
+                         for w in (w_ih, w_hh, dec_w))
+    L, H = h.shape
+    GH = w_hh.shape[1]
+    act = np.empty((1, GH), h.dtype)  # (1,G*H) activated gates (unused)
+    hn = np.empty((1, H), h.dtype)  # (1,H) GRU's W_hn h + b_hn (unused)
+    cur = start_id
+    for t in range(u.shape[0]):
+        x = None  # (H,) input of layer k >= 1
+        for k in range(L):
+            xp = table[cur] if k == 0 else x @ w_ih[k - 1].T + b_ih[k - 1]  # (G*H,)
+            hp = h[k] @ w_hh[k].T  # (G*H,)
+            h_new = np.empty((1, H), h.dtype)
+            if cell == "lstm":
+                c_new = np.empty((1, H), h.dtype)
+                lstm_forward_step(xp[None], hp[None], b_hh[k], c[k][None], act, c_new, h_new)
+                c[k] = c_new[0]
+            elif cell == "gru":
+                gru_forward_step(xp[None], hp[None], b_hh[k], h[k][None], act, hn, h_new)
+            else:
+                rnn_forward_step(xp[None], hp[None], b_hh[k], h_new)
+            h[k] = h_new[0]
+            x = h[k] + x if (residual and k > 0) else h[k].copy()
+        logits = dec_w @ x + dec_b  # (V,)
+        cur = sample_logits(logits, temperature, top_k, top_p, u[t])
+        out[t] = cur
+        if cur == eos_id:
+            h[...] = 0
+            if cell == "lstm":
+                c[...] = 0
+
+
 # ---------------------------------------------------------------- optimizer
 
 
