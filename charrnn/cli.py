@@ -383,7 +383,8 @@ def score(ckpt, texts, as_json, device):
 
     run = _load(ckpt, device, "run")
     lower = run.lines and not any(t.isupper() for t in run.vocab.tokens if len(t) == 1)
-    rows = [score_text(run.model, run.vocab, t.lower() if lower else t, run.lines) for t in texts]
+    # A lower-case names model scores "Emma" as "emma"; show what the user typed.
+    rows = [dict(score_text(run.model, run.vocab, t.lower() if lower else t, run.lines), text=t) for t in texts]
     if as_json:
         _out(json.dumps({"checkpoint": str(run.path), "scores": rows}) + "\n")
         return
