@@ -24,7 +24,7 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 # Thread wait policies (OMP_WAIT_POLICY, OPENBLAS_THREAD_TIMEOUT) are set in charrnn/__init__.py,
 # before numpy or numba start their thread pools.
@@ -65,6 +65,58 @@ def _sigmoid(x, one):
     return (one if x >= 0 else e) / (one + e)
 
 
+@njit(cache=True, inline="always")
+def _tanh_fast(x):
+    # Eigen's float tanh (and XLA's, ONNX Runtime's): an odd 13/6 rational minimax fit,
+    # clamped where tanh rounds to +-1. Within 4e-7 of tanh (libm: 6e-8), and arithmetic
+    # only, so cell loops vectorise (libm tanhf costs 19 ns an element here).
+    f = np.float32
+    x = min(max(x, f(-7.90531110763549805)), f(7.90531110763549805))
+    x2 = x * x
+    p = x2 * f(-2.76076847742355e-16) + f(2.00018790482477e-13)
+    p = x2 * p + f(-8.60467152213735e-11)
+    p = x2 * p + f(5.12229709037114e-08)
+    p = x2 * p + f(1.48572235717979e-05)
+    p = x2 * p + f(6.37261928875436e-04)
+    p = x2 * p + f(4.89352455891786e-03)
+    q = x2 * f(1.19825839466702e-06) + f(1.18534705686654e-04)
+    q = x2 * q + f(2.26843463243900e-03)
+    q = x2 * q + f(4.89352518554385e-03)
+    return x * p / q
+
+
+@njit(cache=True, inline="always")
+def _sigmoid_fast(x):
+    # sigmoid(x) = (1 + tanh(x/2)) / 2: within 2.3e-7 of the exact value (absolute).
+    half = np.float32(0.5)
+    return half * _tanh_fast(half * x) + half
+
+
+def _tanh_act(x):
+    """tanh for the step kernels: fast in float32, exact in float64 (resolved at compile time)."""
+
+
+def _sigmoid_act(x, one):
+    """sigmoid for the step kernels: fast in float32, exact in float64."""
+
+
+@overload(_tanh_act)
+def _tanh_act_impl(x):
+    # float32 cells use the rational tanh: arithmetic only, so the loops vectorise (libm
+    # tanhf is a 19 ns call per element). float64 keeps libm: the finite-difference
+    # gradient checks run through these kernels and need full precision.
+    if x == types.float32:
+        return lambda x: _tanh_fast(x)
+    return lambda x: math.tanh(x)
+
+
+@overload(_sigmoid_act)
+def _sigmoid_act_impl(x, one):
+    if x == types.float32:
+        return lambda x, one: _sigmoid_fast(x)
+    return lambda x, one: _sigmoid(x, one)
+
+
 # ---------------------------------------------------------------- LSTM
 
 
@@ -78,20 +130,20 @@ def _lstm_fwd_span(lo, hi, xp, hp, b_hh, c_prev, act, c, h):
             pf = xp[b, H + j] + hp[b, H + j] + b_hh[H + j]
             pg = xp[b, 2 * H + j] + hp[b, 2 * H + j] + b_hh[2 * H + j]
             po = xp[b, 3 * H + j] + hp[b, 3 * H + j] + b_hh[3 * H + j]
-            i = _sigmoid(pi, one)
-            f = _sigmoid(pf, one)
-            g = math.tanh(pg)
-            o = _sigmoid(po, one)
+            i = _sigmoid_act(pi, one)
+            f = _sigmoid_act(pf, one)
+            g = _tanh_act(pg)
+            o = _sigmoid_act(po, one)
             act[b, j] = i
             act[b, H + j] = f
             act[b, 2 * H + j] = g
             act[b, 3 * H + j] = o
             cc = f * c_prev[b, j] + i * g
             c[b, j] = cc
-            h[b, j] = o * math.tanh(cc)
+            h[b, j] = o * _tanh_act(cc)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def lstm_forward_step(xp, hp, b_hh, c_prev, act, c, h):
     """xp, hp (B,4H); b_hh (4H,); c_prev (B,H) -> act (B,4H) = [i,f,g,o] activated, c, h (B,H)."""
     n = c.shape[0] * c.shape[1]
@@ -112,7 +164,7 @@ def _lstm_bwd_span(lo, hi, act, c_prev, c, dh, dc, dpre):
             f = act[b, H + j]
             g = act[b, 2 * H + j]
             o = act[b, 3 * H + j]
-            tc = math.tanh(c[b, j])
+            tc = _tanh_act(c[b, j])
             dhv = dh[b, j]
             dct = dc[b, j] + dhv * o * (one - tc * tc)
             dpre[b, j] = dct * g * i * (one - i)
@@ -122,7 +174,7 @@ def _lstm_bwd_span(lo, hi, act, c_prev, c, dh, dc, dpre):
             dc[b, j] = dct * f
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def lstm_backward_step(act, c_prev, c, dh, dc, dpre):
     """act (B,4H); c_prev, c (B,H); dh (B,H): dL/dh_t in full.
     dc (B,H): in = dL/dc_t from step t+1, out = dL/dc_{t-1} (updated in place).
@@ -144,10 +196,10 @@ def _gru_fwd_span(lo, hi, xp, hp, b_hh, h_prev, act, hn, h):
     one = h.dtype.type(1)
     for b in range(lo // H, (hi - 1) // H + 1):
         for j in range(max(lo - b * H, 0), min(hi - b * H, H)):
-            r = _sigmoid(xp[b, j] + (hp[b, j] + b_hh[j]), one)
-            z = _sigmoid(xp[b, H + j] + (hp[b, H + j] + b_hh[H + j]), one)
+            r = _sigmoid_act(xp[b, j] + (hp[b, j] + b_hh[j]), one)
+            z = _sigmoid_act(xp[b, H + j] + (hp[b, H + j] + b_hh[H + j]), one)
             hnv = hp[b, 2 * H + j] + b_hh[2 * H + j]
-            nv = math.tanh(xp[b, 2 * H + j] + r * hnv)
+            nv = _tanh_act(xp[b, 2 * H + j] + r * hnv)
             act[b, j] = r
             act[b, H + j] = z
             act[b, 2 * H + j] = nv
@@ -155,7 +207,7 @@ def _gru_fwd_span(lo, hi, xp, hp, b_hh, h_prev, act, hn, h):
             h[b, j] = (one - z) * nv + z * h_prev[b, j]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def gru_forward_step(xp, hp, b_hh, h_prev, act, hn, h):
     """xp, hp (B,3H); b_hh (3H,); h_prev (B,H) -> act (B,3H) = [r,z,n], hn (B,H) = W_hn h + b_hn, h (B,H)."""
     n = h.shape[0] * h.shape[1]
@@ -188,7 +240,7 @@ def _gru_bwd_span(lo, hi, act, hn, h_prev, dh, dxp, dhp, dh_prev):
             dh_prev[b, j] = dhv * z
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def gru_backward_step(act, hn, h_prev, dh, dxp, dhp, dh_prev):
     """act (B,3H); hn, h_prev, dh (B,H) -> dxp (B,3H) = dL/dxp, dhp (B,3H) = dL/dhp (b_hh included),
     dh_prev (B,H) = the direct path z * dh (the W_hh path is added by the caller)."""
@@ -208,10 +260,10 @@ def _rnn_fwd_span(lo, hi, xp, hp, b_hh, h):
     H = h.shape[1]
     for b in range(lo // H, (hi - 1) // H + 1):
         for j in range(max(lo - b * H, 0), min(hi - b * H, H)):
-            h[b, j] = math.tanh(xp[b, j] + hp[b, j] + b_hh[j])
+            h[b, j] = _tanh_act(xp[b, j] + hp[b, j] + b_hh[j])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def rnn_forward_step(xp, hp, b_hh, h):
     """xp, hp (B,H); b_hh (H,) -> h (B,H) = tanh(xp + hp + b_hh)."""
     n = h.shape[0] * h.shape[1]
@@ -231,7 +283,7 @@ def _rnn_bwd_span(lo, hi, h, dh, dpre):
             dpre[b, j] = dh[b, j] * (one - h[b, j] * h[b, j])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def rnn_backward_step(h, dh, dpre):
     """h, dh (B,H) -> dpre (B,H) = dL/d(pre-activation) = dL/dxp = dL/dhp."""
     n = h.shape[0] * h.shape[1]
@@ -592,33 +644,6 @@ def _dot(w, x):
     for i in range(x.shape[0]):
         s += _widen(w[i]) * x[i]
     return s
-
-
-@njit(cache=True, inline="always")
-def _tanh_fast(x):
-    # Eigen's float tanh (and XLA's, ONNX Runtime's): an odd 13/6 rational minimax fit,
-    # clamped where tanh rounds to +-1. Within 4e-7 of tanh (libm: 6e-8), and arithmetic
-    # only, so cell loops vectorise (libm tanhf costs 19 ns an element here).
-    f = np.float32
-    x = min(max(x, f(-7.90531110763549805)), f(7.90531110763549805))
-    x2 = x * x
-    p = x2 * f(-2.76076847742355e-16) + f(2.00018790482477e-13)
-    p = x2 * p + f(-8.60467152213735e-11)
-    p = x2 * p + f(5.12229709037114e-08)
-    p = x2 * p + f(1.48572235717979e-05)
-    p = x2 * p + f(6.37261928875436e-04)
-    p = x2 * p + f(4.89352455891786e-03)
-    q = x2 * f(1.19825839466702e-06) + f(1.18534705686654e-04)
-    q = x2 * q + f(2.26843463243900e-03)
-    q = x2 * q + f(4.89352518554385e-03)
-    return x * p / q
-
-
-@njit(cache=True, inline="always")
-def _sigmoid_fast(x):
-    # sigmoid(x) = (1 + tanh(x/2)) / 2: within 2.3e-7 of the exact value (absolute).
-    half = np.float32(0.5)
-    return half * _tanh_fast(half * x) + half
 
 
 @njit(cache=True, inline="always")
