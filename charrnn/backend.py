@@ -24,7 +24,7 @@ import numpy as np
 
 from charrnn.config import GATES
 
-BACKENDS = ("auto", "cpu", "cuda", "reference")
+BACKENDS = ("auto", "cpu", "numpy", "cuda", "reference")  # numpy is the reference backend's user-facing name
 
 
 @dataclass
@@ -174,7 +174,7 @@ def get_backend(name: str = "auto"):
         raise ValueError(f"unknown device {name!r}; valid: {', '.join(BACKENDS)}")
     if name == "auto":
         name = "cuda" if cuda_usable() else "cpu"
-    if name == "reference":
+    if name in ("reference", "numpy"):
         from charrnn.kernels import reference
 
         return HostBackend("reference", reference)

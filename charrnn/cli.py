@@ -67,8 +67,10 @@ def main():
 
 
 def _device_option(f):
-    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-                        show_default=True, help="where to run")(f)
+    return click.option("--device", type=click.Choice(["auto", "cpu", "numpy", "cuda"]), default="auto",
+                        show_default=True,
+                        help="cpu: numba kernels; numpy: plain numpy (fastest start-up); auto: cuda if "
+                             "present, else cpu (numpy for names and score)")(f)
 
 
 def _ckpt_option(f):
@@ -76,16 +78,21 @@ def _ckpt_option(f):
                         help="checkpoint file or run directory (default: newest run, else the shipped model)")(f)
 
 
-def _load(ckpt, device, default):
-    from charrnn.runs import Loaded, resolve
-
-    return Loaded(resolve(ckpt, default), device if device != "auto" else _auto_device())
-
-
-def _auto_device():
+def _backend_name(device: str, small_job: bool = False) -> str:
+    """--device -> backend name. Small inference jobs (names, score) run on plain numpy by
+    default: numba's start-up (about 0.5 s warm, seconds of compiling on a cold cache) costs
+    more than its kernels save on a few batched steps."""
     from charrnn.backend import cuda_usable
 
-    return "cuda" if cuda_usable() else "cpu"
+    if device == "auto":
+        return "cuda" if cuda_usable() else ("reference" if small_job else "cpu")
+    return device
+
+
+def _load(ckpt, device, default, small_job=False):
+    from charrnn.runs import Loaded, resolve
+
+    return Loaded(resolve(ckpt, default), _backend_name(device, small_job))
 
 
 def _out(text: str):
@@ -214,7 +221,7 @@ def _new_run(corpus, out, opts):
     data = build_dataset(corpus, tcfg, cache=run_dir / "corpus.ids")
     mcfg.vocab_size = len(data.vocab)
     mcfg.validate()
-    backend = get_backend(tcfg.device)
+    backend = get_backend(_backend_name(tcfg.device))
     if tcfg.epochs > 0:
         per_epoch = data.train_targets / (tcfg.batch_size * (1 if tcfg.lines else tcfg.seq_len))
         if tcfg.lines:  # a batch holds B lines, not B*T characters
@@ -226,6 +233,7 @@ def _new_run(corpus, out, opts):
 
 
 def _resume(resume, corpus, opts, given):
+    from charrnn.checkpoint import read_meta
     from charrnn.dataset import build_dataset
     from charrnn.runs import Loaded, run_checkpoint
     from charrnn.trainer import Trainer
@@ -237,13 +245,12 @@ def _resume(resume, corpus, opts, given):
     run_dir = Path(resume)
     if not run_dir.is_dir():
         raise UserError(f"no run directory at {run_dir}; pass the directory given by `charrnn train`")
-    device = opts["device"] if "device" in given else None
-    loaded = Loaded(run_checkpoint(run_dir, prefer="latest"), device or "cpu")
+    path = run_checkpoint(run_dir, prefer="latest")
+    saved = read_meta(path).get("train", {}).get("config", {}).get("device", "auto")
+    loaded = Loaded(path, _backend_name(opts["device"] if "device" in given else saved))
     tcfg = loaded.train_cfg
     for k in given & RESUMABLE:
         setattr(tcfg, k, opts[k])
-    if device is None:
-        tcfg.device = tcfg.device
     tcfg.validate()
     paths = list(corpus) or loaded.meta["corpus"]["paths"]
     data = build_dataset(paths, tcfg, vocab=loaded.vocab, cache=run_dir / "corpus.ids")
@@ -308,7 +315,7 @@ def names(ckpt, count, temp, top_k, top_p, seed, min_len, max_len, start, contai
     from charrnn.names import NameFilter, generate_names
 
     SampleConfig(temperature=temp, top_k=top_k, top_p=top_p).validate()
-    run = _load(ckpt, device, "names")
+    run = _load(ckpt, device, "names", small_job=True)
     if not run.lines:
         raise UserError(f"{run.path} is a prose model; `names` needs a model trained with --lines")
     lower = not any(t.isupper() for t in run.vocab.tokens if len(t) == 1)
@@ -381,7 +388,7 @@ def score(ckpt, texts, as_json, device):
     """Log-likelihood of each TEXT (rank candidate names: higher is more likely)."""
     from charrnn.evaluate import score_text
 
-    run = _load(ckpt, device, "run")
+    run = _load(ckpt, device, "run", small_job=True)
     lower = run.lines and not any(t.isupper() for t in run.vocab.tokens if len(t) == 1)
     # A lower-case names model scores "Emma" as "emma"; show what the user typed.
     rows = [dict(score_text(run.model, run.vocab, t.lower() if lower else t, run.lines), text=t) for t in texts]

@@ -81,7 +81,7 @@ class TrainConfig:
     lines: bool = False  # one example per line, framed by start/end tokens, padded and masked
     encoding: str = "utf-8"  # corpus text encoding, or "bytes" to model raw bytes
     max_vocab: int = 0  # keep the most frequent characters, map the rest to <unk> (0: all)
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu (numba) | numpy | cuda
 
     def validate(self) -> "TrainConfig":
         for name in ("batch_size", "seq_len", "steps", "eval_every", "decay_every"):
@@ -100,8 +100,8 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"unknown device {self.device!r}; valid: auto, cpu, cuda")
+        if self.device not in ("auto", "cpu", "numpy", "cuda"):
+            raise ValueError(f"unknown device {self.device!r}; valid: auto, cpu, numpy, cuda")
         return self
 
 

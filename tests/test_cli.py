@@ -98,6 +98,10 @@ def test_names_from_a_lines_model(runner, tmp_path):
     novel = _ok(runner.invoke(main, ["names", "-c", ck, "-n", "5", "--seed", "3", "--temp", "2.0"])).output.split()
     train = set(NAMES.split())
     assert not {n.lower() for n in novel} & train  # the novelty filter is on by default
+    # numba (cpu) and plain numpy backends draw the same names for the same seed
+    by_device = [_ok(runner.invoke(main, ["names", "-c", ck, "-n", "6", "--seed", "4", "--allow-seen",
+                                          "--device", d])).output for d in ("cpu", "numpy")]
+    assert by_device[0] == by_device[1]
     sc = json.loads(_ok(runner.invoke(main, ["score", "-c", ck, "--json", "Emma", "Mmaem"])).output)
     assert sc["scores"][0]["logprob"] > sc["scores"][1]["logprob"]
 
