@@ -104,9 +104,9 @@ def _stepwise_chunks(model, table, state, cur: int, rng, cfg: SampleConfig, top_
         yield out
 
 
-def generate(model, vocab, cfg: SampleConfig, lines: bool = False, half: bool = False):
+def generate(model, vocab, cfg: SampleConfig, lines: bool = False):
     """Yield generated text piece by piece (cfg.length tokens; the prime is not included).
-    half: sample with float16 weight matrices (host backends)."""
+    cfg.half samples with float16 weight matrices (host backends)."""
     cfg.validate()
     rng = np.random.default_rng(cfg.seed)
     table = model.input_table()
@@ -118,8 +118,8 @@ def generate(model, vocab, cfg: SampleConfig, lines: bool = False, half: bool = 
     eos = vocab.eos_id if lines else -1
     args = (model, table, state, int(context[-1]), rng, cfg, top_k, eos)
     if isinstance(model.backend, HostBackend):
-        chunks = _fused_chunks(*args, half)
-    elif half:
+        chunks = _fused_chunks(*args, cfg.half)
+    elif cfg.half:
         raise ValueError(f"half-precision sampling runs on the CPU, not on {model.backend.name!r}; "
                          "use --device cpu")
     else:

@@ -49,6 +49,8 @@ def test_end_to_end_train_sample_eval_score_info(runner, tmp_path):
     assert c != a
     two = _ok(runner.invoke(main, ["sample", "-n", "20", "-t", "0.5", "-t", "1.2", "--seed", "1"])).output
     assert "--- temperature 0.5 ---" in two and "--- temperature 1.2 ---" in two
+    half = _ok(runner.invoke(main, ["sample", "-n", "40", "--seed", "7", "--half"])).output
+    assert len(half) >= 40  # float16 weights sample too (the same text is checked in test_sampler)
     primed = _ok(runner.invoke(main, ["sample", "-n", "10", "--prime", "All:", "--argmax"])).output
     assert primed.startswith("All:")
 

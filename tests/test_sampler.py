@@ -279,7 +279,8 @@ def test_half_samples_the_float16_rounded_model():
         if name.startswith(("rnn.weight_hh", "decoder.weight")) or (
                 name.startswith("rnn.weight_ih") and not name.endswith("_l0")):
             p[...] = p.astype(np.float16)
-    text = "".join(generate(model, vocab, cfg, half=True))
+    cfg.half = True
+    text = "".join(generate(model, vocab, cfg))
     assert text == _oracle(rounded, vocab, cfg)
 
 
@@ -288,10 +289,10 @@ def test_half_fails_loudly():
     model = _model(vocab)
     model.params["rnn.weight_hh_l1"][0, 0] = 1e5
     with pytest.raises(ValueError, match="rnn.weight_hh: a weight of magnitude 100000 overflows"):
-        list(generate(model, vocab, SampleConfig(length=5, seed=1), half=True))
+        list(generate(model, vocab, SampleConfig(length=5, seed=1, half=True)))
     model.backend = SimpleNamespace(name="cuda", xp=np)  # any non-host backend
     with pytest.raises(ValueError, match="half-precision sampling runs on the CPU"):
-        list(generate(model, vocab, SampleConfig(length=5, seed=1), half=True))
+        list(generate(model, vocab, SampleConfig(length=5, seed=1, half=True)))
 
 
 def test_zero_length_yields_nothing():
