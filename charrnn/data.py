@@ -106,7 +106,13 @@ def _code_points(piece: str | bytes) -> np.ndarray:
     return np.frombuffer(piece.encode("utf-32-le", "surrogatepass"), np.uint32)  # (n,)
 
 
-def scan_counts(paths, encoding: str = "utf-8", chunk_bytes: int = 1 << 24) -> Counter:
+# Bytes read per chunk. A chunk's text is widened to UTF-32 and sorted to count it, so the
+# transient peak is ~8x this: 4 MiB keeps a 50 MB corpus's whole preparation near 110 MiB
+# resident (16 MiB chunks: 320 MiB), at no measurable cost in speed.
+CHUNK_BYTES = 1 << 22
+
+
+def scan_counts(paths, encoding: str = "utf-8", chunk_bytes: int = CHUNK_BYTES) -> Counter:
     """Character counts over all files (keys chr(b) per byte value in bytes mode)."""
     _check_encoding(encoding)
     total = np.zeros(0, np.int64)  # (max code point + 1,)
@@ -120,7 +126,7 @@ def scan_counts(paths, encoding: str = "utf-8", chunk_bytes: int = 1 << 24) -> C
 
 
 def encode_corpus(paths, vocab: Vocab, encoding: str = "utf-8", out: Path | None = None,
-                  chunk_bytes: int = 1 << 24) -> np.ndarray:
+                  chunk_bytes: int = CHUNK_BYTES) -> np.ndarray:
     """All files, in order, as one (N,) id array of vocab.id_dtype; a read-only memmap at
     `out` when given (written to a temporary name, then renamed, so no half file is left)."""
     _check_encoding(encoding)
@@ -156,7 +162,7 @@ def read_lines(paths, encoding: str = "utf-8") -> list[str] | list[bytes]:
     nl, cr = (b"\n", b"\r") if encoding == "bytes" else ("\n", "\r")
     lines = []
     for path in _paths(paths):
-        text = nl[:0].join(_chunks(path, encoding, 1 << 24))
+        text = nl[:0].join(_chunks(path, encoding, CHUNK_BYTES))
         for line in text.split(nl):
             line = line[:-1] if line.endswith(cr) else line
             if line:
