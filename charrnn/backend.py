@@ -42,7 +42,8 @@ class LayerCache:
 
 
 class HostBackend:
-    """Runs on the CPU with numpy arrays; `kernels` is reference.py or cpu.py."""
+    """The per-step design over an array module `xp` (numpy here; CudaBackend subclasses it
+    with CuPy) and a kernel module `k` (reference.py, cpu.py or cuda.py)."""
 
     xp = np
 
@@ -52,7 +53,7 @@ class HostBackend:
 
     # -- memory ---------------------------------------------------------------------
     def asarray(self, a, dtype=None):
-        return np.ascontiguousarray(a, dtype=dtype)
+        return self.xp.ascontiguousarray(self.xp.asarray(a, dtype=dtype))
 
     def to_numpy(self, a) -> np.ndarray:
         return np.asarray(a)
@@ -60,25 +61,25 @@ class HostBackend:
     # -- embedding table ------------------------------------------------------------
     def gather_rows(self, table, ids):
         """table (V,D); ids (N,) -> (N,D)."""
-        out = np.empty((ids.shape[0], table.shape[1]), table.dtype)
+        out = self.xp.empty((ids.shape[0], table.shape[1]), table.dtype)
         self.k.gather_rows(table, ids, out)
         return out
 
     def scatter_add_rows(self, ids, d, rows: int):
         """ids (N,); d (N,D) -> (rows,D) with d's rows summed into the rows named by ids."""
-        out = np.zeros((rows, d.shape[1]), d.dtype)
-        self.k.scatter_add_rows(ids, d, out)
+        out = self.xp.zeros((rows, d.shape[1]), d.dtype)
+        self.k.scatter_add_rows(ids, self.xp.ascontiguousarray(d), out)
         return out
 
     # -- loss -----------------------------------------------------------------------
     def softmax_xent(self, logits, targets, mask, scale):
         """logits (N,V); targets (N,); mask (N,) -> (summed loss, dlogits (N,V) of scale*loss)."""
-        dlogits = np.empty_like(logits)
+        dlogits = self.xp.empty_like(logits)
         loss = self.k.softmax_xent(logits, targets, mask, scale, dlogits)
         return loss, dlogits
 
     def log_softmax_rows(self, logits):
-        out = np.empty_like(logits)
+        out = self.xp.empty_like(logits)
         self.k.log_softmax_rows(logits, out)
         return out
 
@@ -86,71 +87,92 @@ class HostBackend:
     def layer_forward(self, cell, xp, w_hh, b_hh, h0, c0, hmask):
         """xp (T,B,G*H) input projections (b_ih included); w_hh (G*H,H); b_hh (G*H,);
         h0, c0 (B,H); hmask (B,H) or None -> hs (T,B,H), final h (B,H), final c, cache."""
+        X = self.xp
         T, B, GH = xp.shape
         H = h0.shape[1]
         dt = xp.dtype
-        hs = np.empty((T, B, H), dt)
-        act = np.empty((T, B, GH), dt) if cell != "rnn" else None
-        cs = np.empty((T, B, H), dt) if cell == "lstm" else None
-        hn = np.empty((T, B, H), dt) if cell == "gru" else None
-        hp = np.empty((B, GH), dt)  # recurrent product, reused every step
-        hin = np.empty((B, H), dt)  # masked h fed to W_hh
+        xp = X.ascontiguousarray(xp)
+        hs = X.empty((T, B, H), dt)
+        act = X.empty((T, B, GH), dt) if cell != "rnn" else None
+        cs = X.empty((T, B, H), dt) if cell == "lstm" else None
+        hn = X.empty((T, B, H), dt) if cell == "gru" else None
+        self._forward_steps(cell, xp, w_hh, b_hh, h0, c0, hmask, hs, act, cs, hn)
+        cache = LayerCache(cell, h0, c0, hmask, hs, act, cs, hn)
+        return hs, hs[T - 1], (cs[T - 1] if cs is not None else None), cache
+
+    def _forward_steps(self, cell, xp, w_hh, b_hh, h0, c0, hmask, hs, act, cs, hn):
+        """Per step one GEMM for the recurrent product, one fused kernel for all gates."""
+        X, k = self.xp, self.k
+        T, B, GH = xp.shape
+        hp = X.empty((B, GH), xp.dtype)  # recurrent product, reused every step
+        hin = X.empty_like(h0)  # masked h fed to W_hh
         w_t = w_hh.T
         h_prev, c_prev = h0, c0
         for t in range(T):
             if hmask is not None:
-                np.multiply(h_prev, hmask, out=hin)
-                np.matmul(hin, w_t, out=hp)
+                X.multiply(h_prev, hmask, out=hin)
+                X.matmul(hin, w_t, out=hp)
             else:
-                np.matmul(h_prev, w_t, out=hp)
+                X.matmul(h_prev, w_t, out=hp)
             if cell == "lstm":
-                self.k.lstm_forward_step(xp[t], hp, b_hh, c_prev, act[t], cs[t], hs[t])
+                k.lstm_forward_step(xp[t], hp, b_hh, c_prev, act[t], cs[t], hs[t])
                 c_prev = cs[t]
             elif cell == "gru":
-                self.k.gru_forward_step(xp[t], hp, b_hh, h_prev, act[t], hn[t], hs[t])
+                k.gru_forward_step(xp[t], hp, b_hh, h_prev, act[t], hn[t], hs[t])
             else:
-                self.k.rnn_forward_step(xp[t], hp, b_hh, hs[t])
+                k.rnn_forward_step(xp[t], hp, b_hh, hs[t])
             h_prev = hs[t]
-        cache = LayerCache(cell, h0, c0, hmask, hs, act, cs, hn)
-        return hs, hs[T - 1], (cs[T - 1] if cs is not None else None), cache
 
     def layer_backward(self, cache: LayerCache, dhs, w_hh):
         """dhs (T,B,H) = dL/dh_t from above (final state detached) ->
         dxp (T,B,G*H), dw_hh (G*H,H), db_hh (G*H,), dh0 (B,H), dc0 (B,H) or None."""
+        X = self.xp
         cell, hs = cache.cell, cache.hs
         T, B, H = hs.shape
         GH = GATES[cell] * H
         dt = hs.dtype
-        dxp = np.empty((T, B, GH), dt)
+        dhs = X.ascontiguousarray(dhs)
+        dxp = X.empty((T, B, GH), dt)
         # LSTM and RNN: dL/dhp equals dL/dxp; GRU differs in the n block (r * .).
-        dhp = np.empty((T, B, GH), dt) if cell == "gru" else dxp
-        dh = np.empty((B, H), dt)
-        dh_rec = np.zeros((B, H), dt)  # dL/dh_t arriving from step t+1
-        direct = np.empty((B, H), dt) if cell == "gru" else None
-        dc = np.zeros((B, H), dt) if cell == "lstm" else None
-        for t in range(T - 1, -1, -1):
-            np.add(dhs[t], dh_rec, out=dh)
-            h_prev = hs[t - 1] if t > 0 else cache.h0
-            if cell == "lstm":
-                c_prev = cache.cs[t - 1] if t > 0 else cache.c0
-                self.k.lstm_backward_step(cache.act[t], c_prev, cache.cs[t], dh, dc, dxp[t])
-            elif cell == "gru":
-                self.k.gru_backward_step(cache.act[t], cache.hn[t], h_prev, dh, dxp[t], dhp[t], direct)
-            else:
-                self.k.rnn_backward_step(hs[t], dh, dxp[t])
-            np.matmul(dhp[t], w_hh, out=dh_rec)
-            if cache.hmask is not None:
-                dh_rec *= cache.hmask
-            if direct is not None:
-                dh_rec += direct
+        dhp = X.empty((T, B, GH), dt) if cell == "gru" else None
+        dh0 = X.empty((B, H), dt)
+        dc = X.zeros((B, H), dt) if cell == "lstm" else None
+        self._backward_steps(cache, dhs, w_hh, dxp, dhp, dh0, dc)
         # Weight gradients: one GEMM over the whole window.
-        hin = np.concatenate([cache.h0[None], hs[:-1]])  # (T,B,H) inputs of W_hh
+        dhp = dxp if dhp is None else dhp
+        hin = X.concatenate([cache.h0[None], hs[:-1]])  # (T,B,H) inputs of W_hh
         if cache.hmask is not None:
             hin *= cache.hmask
         dhp2 = dhp.reshape(T * B, GH)
         dw_hh = dhp2.T @ hin.reshape(T * B, H)
         db_hh = dhp2.sum(axis=0)
-        return dxp, dw_hh, db_hh, dh_rec, dc
+        return dxp, dw_hh, db_hh, dh0, dc
+
+    def _backward_steps(self, cache: LayerCache, dhs, w_hh, dxp, dhp, dh_rec, dc):
+        """Per step the fused backward kernel, then one GEMM for dL/dh_{t-1}. Leaves
+        dL/dh0 in dh_rec and dL/dc0 in dc."""
+        X, k = self.xp, self.k
+        cell, hs = cache.cell, cache.hs
+        T, B, H = hs.shape
+        dhp = dxp if dhp is None else dhp
+        dh = X.empty((B, H), hs.dtype)
+        dh_rec[...] = 0  # dL/dh_t arriving from step t+1
+        direct = X.empty((B, H), hs.dtype) if cell == "gru" else None
+        for t in range(T - 1, -1, -1):
+            X.add(dhs[t], dh_rec, out=dh)
+            h_prev = hs[t - 1] if t > 0 else cache.h0
+            if cell == "lstm":
+                c_prev = cache.cs[t - 1] if t > 0 else cache.c0
+                k.lstm_backward_step(cache.act[t], c_prev, cache.cs[t], dh, dc, dxp[t])
+            elif cell == "gru":
+                k.gru_backward_step(cache.act[t], cache.hn[t], h_prev, dh, dxp[t], dhp[t], direct)
+            else:
+                k.rnn_backward_step(hs[t], dh, dxp[t])
+            X.matmul(dhp[t], w_hh, out=dh_rec)
+            if cache.hmask is not None:
+                dh_rec *= cache.hmask
+            if direct is not None:
+                dh_rec += direct
 
 
 def cuda_usable() -> bool:
