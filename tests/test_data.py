@@ -25,7 +25,8 @@ from charrnn.data import (
 )
 from charrnn.vocab import Vocab
 
-CORPORA = Path("/work/shared/corpora")
+# The standard corpora sit beside the checkout (../shared/corpora), in CI too.
+CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 SHAKESPEARE = CORPORA / "tinyshakespeare.txt"
 NAMES = CORPORA / "names.txt"
 MIXED = "naïve café — 日本語 🙂 end\n"  # 1-, 2-, 3- and 4-byte UTF-8 characters
