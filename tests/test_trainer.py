@@ -113,3 +113,15 @@ def test_checkpoints_hold_training_state_and_best(tmp_path):
     assert tensors["train.state.h"].shape == (1, 4, 8)
     best = checkpoint.read_meta(tmp_path / "run" / "best.safetensors")
     assert math.isclose(best["train"]["best_val"], tr.best_val)
+
+
+def test_early_stopping_after_patience_evals_without_gain(tmp_path):
+    text = "".join(np.random.default_rng(2).choice(list("ab \n"), 1500))
+    mcfg = ModelConfig(embed=4, hidden=8, layers=1)
+    tcfg = TrainConfig(batch_size=2, seq_len=8, steps=100, eval_every=5, patience=2, seed=0)
+    tr = _make(tmp_path, text, mcfg, tcfg)
+    losses = iter([2.0, 1.5, 1.6, 1.7, 1.4, 1.3])  # gains, then two evals without one
+    tr.evaluate = lambda split="val": next(losses)
+    assert tr.run() == "early_stop"
+    assert tr.step == 20 and tr.best_val == 1.5
+    assert checkpoint.read_meta(tmp_path / "run" / "best.safetensors")["train"]["step"] == 10
