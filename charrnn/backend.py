@@ -186,7 +186,7 @@ def cuda_usable() -> bool:
         from numba import cuda
 
         return bool(cuda.is_available())
-    except Exception:  # no numba-cuda, no driver: the CPU it is
+    except Exception:  # noqa: BLE001 - no numba-cuda, no driver, a broken install: the CPU it is
         return False
 
 

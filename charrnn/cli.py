@@ -15,6 +15,7 @@ import shlex
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import ClassVar
 
 import click
 from rich.console import Console
@@ -41,7 +42,7 @@ class Group(click.Group):
     """Turns the library's expected exceptions into one-line errors, and ends quietly when
     a reader closes the pipe (`charrnn sample | head`)."""
 
-    argv: list[str] = []  # this invocation's arguments, recorded in checkpoints
+    argv: ClassVar[list[str]] = []  # this invocation's arguments, recorded in checkpoints
 
     def main(self, args=None, *a, **kw):
         Group.argv = list(sys.argv[1:] if args is None else args)
@@ -144,7 +145,7 @@ RESUMABLE = {"steps", "eval_every", "patience", "device"}
 @click.pass_context
 def train(ctx, corpus, out, resume, **opts):
     """Train a model on CORPUS (one or more text files)."""
-    from charrnn.trainer import Trainer, TrainingDiverged
+    from charrnn.trainer import TrainingDiverged
 
     given = {k for k in opts if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     if resume:
@@ -434,12 +435,12 @@ def info(ckpt, as_json):
     best = summary["best_val"]
     lines = [
         f"checkpoint  {summary['checkpoint']} (format {summary['format_version']})",
-        f"model       {m['cell']} {m['layers']}x{m['hidden']}, embed {m['embed']}, dropout {m['dropout']}, "
-        f"rec-dropout {m['rec_dropout']}, residual {m['residual']}",
+        (f"model       {m['cell']} {m['layers']}x{m['hidden']}, embed {m['embed']}, dropout {m['dropout']}, "
+         f"rec-dropout {m['rec_dropout']}, residual {m['residual']}"),
         f"parameters  {summary['parameters']:,}",
         f"vocab       {summary['vocab_size']} tokens ({summary['mode']} mode): {summary['vocab']!r}",
-        f"trained     step {summary['step']}, epoch {summary['epoch'] or 0:.2f}, "
-        f"{(summary['elapsed_s'] or 0) / 60:.1f} min",
+        (f"trained     step {summary['step']}, epoch {summary['epoch'] or 0:.2f}, "
+         f"{(summary['elapsed_s'] or 0) / 60:.1f} min"),
         f"best val    {'-' if best is None else f'{best:.4f} nats/char ({best / LN2:.4f} bits)'}",
         f"command     {summary['command']}",
     ]

@@ -36,7 +36,7 @@ class ModelConfig:
     rec_dropout: float = 0.0  # variational dropout on h fed back into the recurrence, one mask per window
     residual: bool = False  # add each layer's input to its output (layers >= 1, equal widths)
 
-    def validate(self) -> "ModelConfig":
+    def validate(self) -> ModelConfig:
         if self.cell not in CELLS:
             raise ValueError(f"unknown cell {self.cell!r}; valid cells: {', '.join(CELLS)}")
         _check_positive("vocab_size", self.vocab_size)
@@ -83,7 +83,7 @@ class TrainConfig:
     max_vocab: int = 0  # keep the most frequent characters, map the rest to <unk> (0: all)
     device: str = "auto"  # auto | cpu (numba) | numpy | cuda
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         for name in ("batch_size", "seq_len", "steps", "eval_every", "decay_every"):
             _check_positive(name, getattr(self, name))
         for name in ("warmup", "patience", "test_count", "max_vocab", "eval_max_chars"):
@@ -116,7 +116,7 @@ class SampleConfig:
     argmax: bool = False  # always take the most likely token (greedy)
     half: bool = False  # stream float16 weight matrices (CPU; about 1.5-2x faster on big models)
 
-    def validate(self) -> "SampleConfig":
+    def validate(self) -> SampleConfig:
         if self.length < 0:
             raise ValueError(f"length must be >= 0, got {self.length}")
         if not self.temperature > 0:

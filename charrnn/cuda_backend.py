@@ -67,7 +67,7 @@ class CudaBackend(HostBackend):
             return False
 
     def _forward_steps(self, cell, xp, w_hh, b_hh, h0, c0, hmask, hs, act, cs, hn):
-        T, B, H = hs.shape
+        _, B, H = hs.shape
 
         def launch():
             self.k.persistent_layer_forward(cell, xp, w_hh, b_hh, h0, c0, hmask, hs, act, cs, hn)
@@ -77,7 +77,7 @@ class CudaBackend(HostBackend):
 
     def _backward_steps(self, cache: LayerCache, dhs, w_hh, dxp, dhp, dh_rec, dc):
         cell, hs = cache.cell, cache.hs
-        T, B, H = hs.shape
+        _, B, H = hs.shape
         direct = self.xp.empty((B, H), hs.dtype) if cell == "gru" else None
 
         def launch():

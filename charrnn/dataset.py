@@ -83,7 +83,7 @@ def build_dataset(paths, cfg: TrainConfig, vocab: Vocab | None = None,
             vocab = Vocab.build(Counter("".join(items)), max_vocab=cfg.max_vocab, lines=True)
         encoded = [np.asarray(vocab.encode(s)) for s in items]
         tr, va, te = split_lines(len(items), cfg.val_frac, cfg.test_frac, cfg.test_count, cfg.split_seed)
-        pick = lambda idx: [encoded[i] for i in idx]  # noqa: E731
+        pick = lambda idx: [encoded[i] for i in idx]
         seen = sorted(set(items))
         return Dataset(vocab, True, pick(tr), pick(va), pick(te), seen, fp, paths)
     kind = "bytes" if cfg.encoding == "bytes" else "text"

@@ -66,7 +66,7 @@ def score_text(model, vocab, text: str, lines: bool) -> dict:
     return {
         "text": text,
         "logprob": total,
-        "tokens": int(len(lp)),
+        "tokens": len(lp),
         "nats_per_token": -total / len(lp),
         "bits_per_token": -total / len(lp) / math.log(2),
     }

@@ -223,4 +223,4 @@ class CharRNN:
         return {n: self.backend.to_numpy(a) for n, a in self.params.items()}
 
 
-__all__ = ["CharRNN", "State", "param_shapes", "init_params"]
+__all__ = ["CharRNN", "State", "init_params", "param_shapes"]

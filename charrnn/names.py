@@ -24,7 +24,7 @@ class NameFilter:
     contains: str = ""  # every name contains this substring
     allow_seen: bool = False  # keep names that occur in the training list
 
-    def validate(self) -> "NameFilter":
+    def validate(self) -> NameFilter:
         if self.min_len < 1:
             raise ValueError(f"min-len must be >= 1, got {self.min_len}")
         if self.max_len < self.min_len:

@@ -172,7 +172,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         old_handler = self._install_sigint()
         try:
-            return self._loop()
+            with open(self.run_dir / "metrics.jsonl", "a") as metrics:
+                return self._loop(metrics)
         finally:
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
@@ -187,54 +188,50 @@ class Trainer:
 
         return signal.signal(signal.SIGINT, on_sigint)
 
-    def _loop(self) -> str:
+    def _loop(self, metrics) -> str:
         cfg = self.cfg
-        metrics = open(self.run_dir / "metrics.jsonl", "a")
         acc_loss, acc_n, acc_chars, rollbacks = 0.0, 0, 0.0, 0
         t_mark = time.perf_counter()
         reason = "done"
         self.callback({"kind": "start", "step": self.step, "steps": cfg.steps})
-        try:
-            while self.step < cfg.steps:
-                if self._stop.is_set():
-                    reason = "interrupted"
+        while self.step < cfg.steps:
+            if self._stop.is_set():
+                reason = "interrupted"
+                break
+            t0 = time.perf_counter()
+            batch = self.batcher.next()
+            loss, norm, n, ok = self._train_step(batch)
+            if not ok:
+                rollbacks += 1
+                self.lr_scale *= 0.5
+                self.state = None
+                self.callback({"kind": "rollback", "step": self.step, "loss": loss, "grad_norm": norm,
+                               "lr_scale": self.lr_scale})
+                if rollbacks >= MAX_ROLLBACKS:
+                    raise TrainingDiverged(f"training diverged: {rollbacks} bad steps in a row at step "
+                                           f"{self.step}; lower --lr or --grad-clip")
+                continue
+            rollbacks = 0
+            self.step += 1
+            self.epoch = batch.epoch
+            self.elapsed += time.perf_counter() - t0
+            acc_loss, acc_n, acc_chars = acc_loss + loss, acc_n + 1, acc_chars + n
+            do_eval = self.step % cfg.eval_every == 0 or self.step == cfg.steps
+            if self.step % LOG_EVERY == 0 or do_eval:
+                now = time.perf_counter()
+                rec = {"step": self.step, "epoch": round(self.epoch, 4), "train_loss": acc_loss / acc_n,
+                       "val_loss": None, "lr": lr_at(self.step - 1, cfg) * self.lr_scale, "grad_norm": norm,
+                       "chars_per_s": acc_chars / max(now - t_mark, 1e-9), "elapsed_s": round(self.elapsed, 3)}
+                acc_loss, acc_n, acc_chars, t_mark = 0.0, 0, 0.0, now
+                if do_eval:
+                    rec["val_loss"] = self._eval_and_save()
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
+                self.callback({"kind": "log", **rec, "steps": cfg.steps})
+                if do_eval and cfg.patience and self.evals_without_gain >= cfg.patience:
+                    reason = "early_stop"
                     break
-                t0 = time.perf_counter()
-                batch = self.batcher.next()
-                loss, norm, n, ok = self._train_step(batch)
-                if not ok:
-                    rollbacks += 1
-                    self.lr_scale *= 0.5
-                    self.state = None
-                    self.callback({"kind": "rollback", "step": self.step, "loss": loss, "grad_norm": norm,
-                                   "lr_scale": self.lr_scale})
-                    if rollbacks >= MAX_ROLLBACKS:
-                        raise TrainingDiverged(f"training diverged: {rollbacks} bad steps in a row at step "
-                                               f"{self.step}; lower --lr or --grad-clip")
-                    continue
-                rollbacks = 0
-                self.step += 1
-                self.epoch = batch.epoch
-                self.elapsed += time.perf_counter() - t0
-                acc_loss, acc_n, acc_chars = acc_loss + loss, acc_n + 1, acc_chars + n
-                do_eval = self.step % cfg.eval_every == 0 or self.step == cfg.steps
-                if self.step % LOG_EVERY == 0 or do_eval:
-                    now = time.perf_counter()
-                    rec = {"step": self.step, "epoch": round(self.epoch, 4), "train_loss": acc_loss / acc_n,
-                           "val_loss": None, "lr": lr_at(self.step - 1, cfg) * self.lr_scale, "grad_norm": norm,
-                           "chars_per_s": acc_chars / max(now - t_mark, 1e-9), "elapsed_s": round(self.elapsed, 3)}
-                    acc_loss, acc_n, acc_chars, t_mark = 0.0, 0, 0.0, now
-                    if do_eval:
-                        rec["val_loss"] = self._eval_and_save()
-                    metrics.write(json.dumps(rec) + "\n")
-                    metrics.flush()
-                    self.callback({"kind": "log", **rec, "steps": cfg.steps})
-                    if do_eval and cfg.patience and self.evals_without_gain >= cfg.patience:
-                        reason = "early_stop"
-                        break
-                    t_mark = time.perf_counter()  # eval and saving are not training time
-        finally:
-            metrics.close()
+                t_mark = time.perf_counter()  # eval and saving are not training time
         if reason == "interrupted":
             self.save("latest")
         self.callback({"kind": "end", "reason": reason, "step": self.step, "best_val": self.best_val})

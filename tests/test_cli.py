@@ -168,6 +168,6 @@ def test_sample_into_a_closed_pipe_is_quiet(tmp_path):
                               "4", "--batch-size", "2", "--seq-len", "8", "--steps", "2", "--eval-every", "2",
                               "--out", str(tmp_path / "run")])
     cmd = (f"{sys.executable} -m charrnn sample -c {tmp_path / 'run'} -n 200000 | head -c 5")
-    res = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120, check=False)
     assert len(res.stdout) == 5
     assert "Traceback" not in res.stderr and "Error" not in res.stderr

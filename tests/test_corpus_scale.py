@@ -12,8 +12,7 @@ def test_50mb_corpus_trains_in_bounded_memory(tmp_path):
     corpus = tmp_path / "big.txt"
     line = ("the quick brown fox jumps over the lazy dog; " * 20 + "\n").encode()  # 901 bytes
     with open(corpus, "wb") as f:
-        for _ in range(50_000_000 // len(line)):
-            f.write(line)
+        f.writelines(line for _ in range(50_000_000 // len(line)))
     script = textwrap.dedent(f"""
         import resource
         from charrnn.backend import get_backend
@@ -32,7 +31,7 @@ def test_50mb_corpus_trains_in_bounded_memory(tmp_path):
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
     """)
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert res.returncode == 0, res.stderr
     peak_mib = int(res.stdout.strip().splitlines()[-1])
     assert peak_mib < 150, f"peak RSS {peak_mib} MiB for a 50 MB corpus"

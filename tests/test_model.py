@@ -5,7 +5,7 @@ import pytest
 
 from charrnn.backend import get_backend
 from charrnn.config import ModelConfig
-from charrnn.model import CharRNN, State, param_shapes
+from charrnn.model import CharRNN, param_shapes
 
 CELLS = ["lstm", "gru", "rnn"]
 
