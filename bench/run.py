@@ -173,7 +173,7 @@ def render(args, rows, results: dict) -> str:
              "", *[f"- {n}" for n in notes]]
     rss = report.rss_table(rows, results)
     if rss:
-        parts += ["", ("Peak RSS (MiB) of each worker process (ru_maxrss: interpreter, "
+        parts += ["", ("Peak RSS (MiB) of each worker process (VmHWM: interpreter, "
                        "libraries, model, activations, optimizer state):"), "", rss]
     errs = report.errors(rows, results)
     if errs:

@@ -1,7 +1,7 @@
 """One measurement in its own process: `python -m bench.worker ROW IMPL [--quick]`.
 
 Prints one line `BENCH-RESULT {json}` on stdout: per-repeat rates, units per repeat, the
-first (compiling) call's time, peak RSS of this process (ru_maxrss: model, activations,
+first (compiling) call's time, peak RSS of this process (VmHWM: model, activations,
 optimizer state, and the interpreter and libraries it needs), and runtime details. A failure
 is reported in the same line as {"error": ...} so the table can say so; the traceback goes
 to stderr. charrnn workers never import torch, so their RSS is charrnn's own.
@@ -26,7 +26,16 @@ class NotApplicable(RuntimeError):
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    """This process's peak resident memory. VmHWM belongs to the address space made at exec;
+    ru_maxrss would also count the parent's peak, which Linux carries across exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # KiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # no /proc: KiB on Linux
 
 
 def run_ours(w, plan) -> dict:
