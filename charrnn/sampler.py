@@ -8,7 +8,7 @@ On a host backend the whole loop (cells, decoder, sampling) runs inside the kern
 `generate_ids`, CHUNK characters per call with the state carried between calls; other
 backends (CUDA) take one `model.forward` and one `sample_rows` per character. Either way
 the uniforms come from one numpy Generator in the same order, so a seed names one text.
-`half=True` hands generate_ids its weight matrices as float16 (half the bytes to stream per
+`cfg.half` hands generate_ids its weight matrices as float16 (half the bytes to stream per
 character, so faster where they outgrow the caches); the text then differs from float32's.
 
 Dimension letters: T=time, B=batch, V=vocab, L=layers, H=hidden, G=gate blocks.
