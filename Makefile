@@ -46,9 +46,9 @@ corpora: $(STAMP)
 # float16. checkpoints/README.md records the run.
 NAMES_RUN := checkpoints/runs/names-2017
 names-model: corpora
-	$(BIN)/charrnn train corpora/names.txt --lines --cell lstm --layers 2 --hidden 256 --embed 32 \
-	  --dropout 0.2 --batch-size 64 --lr 3e-3 --warmup 200 --steps 8600 --eval-every 430 \
-	  --val-frac 0.05 --test-count 1000 --seed 1337 --out $(NAMES_RUN)
+	$(BIN)/charrnn train corpora/names.txt --lines --cell lstm --layers 2 --hidden 384 --embed 48 \
+	  --dropout 0.4 --rec-dropout 0.15 --weight-decay 0.1 --batch-size 64 --lr 3e-3 --warmup 200 \
+	  --steps 12000 --eval-every 500 --val-frac 0.05 --test-count 1000 --seed 1337 --out $(NAMES_RUN)
 	$(BIN)/charrnn export $(NAMES_RUN) checkpoints/names/model.safetensors
 	$(BIN)/charrnn eval -c $(NAMES_RUN) --split test
 
