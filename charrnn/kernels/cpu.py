@@ -665,22 +665,22 @@ def _gen_units(lo, hi, code, k, xk, xin, w_ih, b_ih, w_hh, b_hh, h, c, hp, h_new
     if code == 0:  # LSTM: i, f, g, o
         ck = c[k]
         for j in range(lo, hi):
-            i = _sigmoid_fast(xk[j] + hp[j] + b[j])
-            f = _sigmoid_fast(xk[H + j] + hp[H + j] + b[H + j])
-            gg = _tanh_fast(xk[2 * H + j] + hp[2 * H + j] + b[2 * H + j])
-            o = _sigmoid_fast(xk[3 * H + j] + hp[3 * H + j] + b[3 * H + j])
+            i = _sigmoid_act(xk[j] + hp[j] + b[j], one)
+            f = _sigmoid_act(xk[H + j] + hp[H + j] + b[H + j], one)
+            gg = _tanh_act(xk[2 * H + j] + hp[2 * H + j] + b[2 * H + j])
+            o = _sigmoid_act(xk[3 * H + j] + hp[3 * H + j] + b[3 * H + j], one)
             cc = f * ck[j] + i * gg
             ck[j] = cc
-            h_new[j] = o * _tanh_fast(cc)
+            h_new[j] = o * _tanh_act(cc)
     elif code == 1:  # GRU: r, z, n with b_hn inside the reset product
         for j in range(lo, hi):
-            r = _sigmoid_fast(xk[j] + (hp[j] + b[j]))
-            z = _sigmoid_fast(xk[H + j] + (hp[H + j] + b[H + j]))
-            n = _tanh_fast(xk[2 * H + j] + r * (hp[2 * H + j] + b[2 * H + j]))
+            r = _sigmoid_act(xk[j] + (hp[j] + b[j]), one)
+            z = _sigmoid_act(xk[H + j] + (hp[H + j] + b[H + j]), one)
+            n = _tanh_act(xk[2 * H + j] + r * (hp[2 * H + j] + b[2 * H + j]))
             h_new[j] = (one - z) * n + z * hk[j]
     else:
         for j in range(lo, hi):
-            h_new[j] = _tanh_fast(xk[j] + hp[j] + b[j])
+            h_new[j] = _tanh_act(xk[j] + hp[j] + b[j])
 
 
 # error_model="numpy": no ZeroDivisionError check on every division, which kept LLVM from
@@ -699,8 +699,9 @@ def generate_ids(cell, residual, table, w_ih, b_ih, w_hh, b_hh, dec_w, dec_b, h,
     start every line fresh); -1: no reset. w_ih, w_hh, dec_w may be float16 stored as their
     uint16 bits (numba has no float16 on the CPU); the arithmetic stays in h's dtype.
 
-    One compiled loop, no Python per character. sigmoid and tanh are rational
-    approximations (_tanh_fast), products are _dot's: float32-close to reference.py."""
+    One compiled loop, no Python per character. sigmoid and tanh are the step kernels'
+    (_tanh_act: rational in float32, libm in float64), products are _dot's (reassociated):
+    float32-close to reference.py."""
     L, H = h.shape
     V, GH = table.shape
     if start_id < 0 or start_id >= V:
