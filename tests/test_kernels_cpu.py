@@ -18,12 +18,12 @@ from charrnn.model import CharRNN
 
 DTYPES = [np.float32, np.float64]
 CELLS = ["lstm", "gru", "rnn"]
-STEP_SHAPES = [(1, 7), (5, 33), (64, 128), (40, 410)]  # (B, H); the last two are threaded
+STEP_SHAPES = [(1, 7), (5, 33), (64, 128), (130, 520)]  # (B, H); the last is threaded
 
 
 def test_shapes_cover_serial_and_threaded_paths():
-    assert 5 * 33 < cpu.PAR_MIN <= 64 * 128  # STEP_SHAPES
-    assert 64 * 128 < cpu.CHEAP_PAR_MIN <= 40 * 410  # rnn_backward_step
+    assert 64 * 128 < cpu.PAR_MIN <= 130 * 520  # STEP_SHAPES
+    assert 64 * 128 < cpu.CHEAP_PAR_MIN <= 130 * 520  # rnn_backward_step
     assert 5 * 33 < cpu.ROW_PAR_MIN <= 300 * 65  # softmax shapes
     assert 33 * 5 < cpu.CHEAP_PAR_MIN <= 300 * 257  # adam shapes
     assert 1000 * 300 >= cpu.COPY_PAR_MIN > 300 * 512  # gather / scatter
