@@ -85,18 +85,23 @@ def train_step_fn(w: Workload, device: str):
     pool = [rng.integers(0, w.vocab, (T + 1, B)).astype(np.int32) for _ in range(BATCH_POOL)]
     carry = {"state": model.zero_state(B), "i": 0}
 
+    def one_step():
+        # A function of its own, as Trainer._train_step: its arrays (activations, gradients)
+        # are freed on return, not kept alive into the next step's forward.
+        ids = pool[carry["i"] % BATCH_POOL]
+        carry["i"] += 1
+        logits, new_state, cache = model.forward(ids[:-1], carry["state"], train=True, rng=rng)
+        loss, dlogits, _ = model.loss(logits, ids[1:], None)
+        grads = model.backward(cache, dlogits)
+        norm = clip_grad_norm(grads, GRAD_CLIP, be.k)
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            raise FloatingPointError(f"{w.name}: non-finite loss {loss} or norm {norm}")
+        opt.step(grads, LR)
+        carry["state"] = new_state
+
     def step(k: int) -> int:
         for _ in range(k):
-            ids = pool[carry["i"] % BATCH_POOL]
-            carry["i"] += 1
-            logits, new_state, cache = model.forward(ids[:-1], carry["state"], train=True, rng=rng)
-            loss, dlogits, _ = model.loss(logits, ids[1:], None)
-            grads = model.backward(cache, dlogits)
-            norm = clip_grad_norm(grads, GRAD_CLIP, be.k)
-            if not (math.isfinite(loss) and math.isfinite(norm)):
-                raise FloatingPointError(f"{w.name}: non-finite loss {loss} or norm {norm}")
-            opt.step(grads, LR)
-            carry["state"] = new_state
+            one_step()
         return k * T * B
 
     return step

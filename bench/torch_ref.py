@@ -67,17 +67,20 @@ def train_step_fn(w: Workload, dev: torch.device, params=None):
     pool = [torch.randint(0, V, (T + 1, B), generator=gen).to(dev) for _ in range(BATCH_POOL)]
     carry = {"state": None, "i": 0}
 
+    def one_step():  # a function of its own, as on charrnn's side (ours.py)
+        ids = pool[carry["i"] % BATCH_POOL]
+        carry["i"] += 1
+        opt.zero_grad(set_to_none=True)
+        logits, (h, c) = model(ids[:-1], carry["state"])
+        loss = loss_fn(logits.reshape(T * B, V), ids[1:].reshape(T * B))
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        carry["state"] = (h.detach(), c.detach())
+
     def step(k: int) -> int:
         for _ in range(k):
-            ids = pool[carry["i"] % BATCH_POOL]
-            carry["i"] += 1
-            opt.zero_grad(set_to_none=True)
-            logits, (h, c) = model(ids[:-1], carry["state"])
-            loss = loss_fn(logits.reshape(T * B, V), ids[1:].reshape(T * B))
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-            opt.step()
-            carry["state"] = (h.detach(), c.detach())
+            one_step()
         return k * T * B
 
     return step

@@ -147,7 +147,8 @@ class CharRNN:
             if k == 0:
                 xp = be.gather_rows(table, flat_ids).reshape(T, B, GH)
             else:
-                xp = (x.reshape(T * B, H) @ p[f"rnn.weight_ih_l{k}"].T + p[f"rnn.bias_ih_l{k}"]).reshape(T, B, GH)
+                xp = (x.reshape(T * B, H) @ p[f"rnn.weight_ih_l{k}"].T).reshape(T, B, GH)
+                xp += p[f"rnn.bias_ih_l{k}"]  # in place: no second (T,B,G*H) array
             hmask = be.asarray(_dropout_mask(rng, (B, H), cfg.rec_dropout, self.dtype)) if rec_drop else None
             c0 = state.c[k] if state.c is not None else None
             hs, hT, cT, lc = be.layer_forward(cfg.cell, xp, p[f"rnn.weight_hh_l{k}"], p[f"rnn.bias_hh_l{k}"],
@@ -186,7 +187,9 @@ class CharRNN:
 
     # -- backward -------------------------------------------------------------------
     def backward(self, cache, dlogits) -> dict:
-        """dlogits (T,B,V) -> gradient of every parameter (same names and shapes)."""
+        """dlogits (T,B,V) -> gradient of every parameter (same names and shapes).
+        Consumes the cache: each layer's activations are dropped once its gradients are
+        done, so the peak holds one layer's backward temporaries, not all of them."""
         cfg, p, be = self.cfg, self.params, self.backend
         T, B = cache["T"], cache["B"]
         H, V = cfg.hidden, cfg.vocab_size
@@ -196,9 +199,11 @@ class CharRNN:
         dy = (dl @ p["decoder.weight"]).reshape(T, B, H)  # dL/d(output of the top layer)
         for k in range(cfg.layers - 1, -1, -1):
             x, lc, dmask = cache["layers"][k]
+            cache["layers"][k] = None
             if dmask is not None:
                 dy = dy * dmask
             dxp, dw_hh, db_hh, _, _ = be.layer_backward(lc, dy, p[f"rnn.weight_hh_l{k}"])
+            del lc
             g[f"rnn.weight_hh_l{k}"] = dw_hh
             g[f"rnn.bias_hh_l{k}"] = db_hh
             GH = dxp.shape[2]
