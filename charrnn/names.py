@@ -40,26 +40,48 @@ class NameFilter:
 
 def _round(model, vocab, prefix: np.ndarray, B: int, steps: int, temperature, top_k, top_p, rng):
     """Sample B candidates of at most `steps` characters after `prefix`.
-    Returns (B, steps) ids and each candidate's length (-1: no end token within `steps`)."""
+    Returns (B, steps+1) ids and each candidate's length (-1: no end token within `steps`).
+
+    Every candidate reads the same context (the end token, then the prefix), so it runs once
+    at batch 1 and its state is copied B times. A candidate leaves the batch when it samples
+    the end token: at names' ~1 in 7 chance per step, the later steps run a fraction of the
+    rows (about 2.5x less work than stepping all B rows to max_len)."""
     be, eos = model.backend, vocab.eos_id
+    xp = be.xp
     table = model.input_table()
     ctx = np.concatenate([[eos], prefix]).astype(np.int64)
-    x = np.repeat(ctx[:, None], B, axis=1)  # (T0,B)
-    logits, state, _ = model.forward(x, model.zero_state(B), table=table)
-    last = be.to_numpy(logits[-1])  # (B,V)
+    logits, state, _ = model.forward(ctx[:, None], model.zero_state(1), table=table)
+    last = np.repeat(be.to_numpy(logits[-1]), B, axis=0)  # (B,V): the same row B times
+    state = type(state)(xp.repeat(state.h, B, axis=1),
+                        None if state.c is None else xp.repeat(state.c, B, axis=1))
     out = np.zeros((B, steps + 1), np.int64)
     length = np.full(B, -1, np.int64)
-    ids = np.zeros(B, np.int64)
+    alive = np.arange(B)  # (A,) rows of out still sampling
     for t in range(steps + 1):
-        be.k.sample_rows(np.ascontiguousarray(last), temperature, top_k, top_p, rng.random(B), ids)
-        out[:, t] = ids
-        ended = (ids == eos) & (length < 0)
-        length[ended] = t
-        if (length >= 0).all() or t == steps:
+        ids = np.empty(alive.shape[0], np.int64)
+        be.k.sample_rows(np.ascontiguousarray(last), temperature, top_k, top_p,
+                         rng.random(alive.shape[0]), ids)
+        out[alive, t] = ids
+        going = ids != eos  # (A,)
+        length[alive[~going]] = t
+        if t == steps or not going.any():
             break
+        if not going.all():
+            alive, ids = alive[going], ids[going]
+            keep = xp.asarray(np.flatnonzero(going))
+            state = type(state)(state.h[:, keep], None if state.c is None else state.c[:, keep])
         logits, state, _ = model.forward(ids[None, :], state, table=table)
         last = be.to_numpy(logits[0])
     return out, length
+
+
+def _decode_rows(vocab, out, length) -> list[str | None]:
+    """out (B,W) ids; length (B,) -> each row's text before its end token (None: no end)."""
+    B, W = out.shape
+    if vocab.kind == "text":  # one code point per id: decode everything once, then slice
+        flat = vocab.decode(out.reshape(-1))
+        return [flat[b * W : b * W + length[b]] if length[b] >= 0 else None for b in range(B)]
+    return [vocab.decode(out[b, : length[b]]) if length[b] >= 0 else None for b in range(B)]
 
 
 def generate_names(model, vocab, n: int, flt: NameFilter, seen: set[str], temperature=0.8,
@@ -81,10 +103,10 @@ def generate_names(model, vocab, n: int, flt: NameFilter, seen: set[str], temper
         B = min(batch, max(64, 2 * (n - len(found))))
         out, length = _round(model, vocab, prefix, B, steps, temperature, top_k, top_p, rng)
         tried += B
-        for b in range(B):
-            if length[b] < 0:
+        for name in _decode_rows(vocab, out, length):
+            if name is None:
                 continue  # longer than max_len
-            name = flt.start + vocab.decode(out[b, : length[b]])
+            name = flt.start + name
             if name not in taken and flt.accepts(name, seen):
                 taken.add(name)
                 found.append(name)

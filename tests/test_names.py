@@ -51,7 +51,9 @@ def test_same_seed_same_names(model_vocab):
 
 
 def test_generation_is_batched(model_vocab, monkeypatch):
-    """1000 names cost a few rounds of (max_len + 1) model calls, never one call per name."""
+    """1000 names cost a few rounds of at most (max_len + 1) model calls, never one call per
+    name: the shared context runs once at batch 1, then the whole batch steps together and
+    shrinks as candidates end."""
     model, vocab = model_vocab
     calls = []
     real = model.forward
@@ -65,7 +67,54 @@ def test_generation_is_batched(model_vocab, monkeypatch):
     out = generate_names(model, vocab, 1000, flt, set(), temperature=1.0, seed=3)
     assert len(out) == 1000
     assert len(calls) < 1000 / 10  # rounds x steps, far fewer than names
-    assert max(calls) >= 512  # whole batches advance together
+    assert max(calls) >= 256  # a round's candidates advance together
+    rounds, cur = [], None
+    for b in calls:
+        if b == 1:  # the context of a new round
+            cur = []
+            rounds.append(cur)
+        else:
+            cur.append(b)
+    assert len(rounds) >= 2 and all(r for r in rounds)
+    assert all(r == sorted(r, reverse=True) for r in rounds)  # ended candidates leave
+    assert any(r[-1] < r[0] for r in rounds)
+
+
+def test_ended_candidates_leave_the_batch_without_changing_the_names(model_vocab):
+    """The shrinking batch samples exactly the names a full-batch loop would: each
+    candidate's draws depend on its own state only (same model, same uniforms)."""
+    from charrnn.names import _round
+
+    model, vocab = model_vocab
+    B, steps = 50, 8
+    rng = np.random.default_rng(5)
+    out, length = _round(model, vocab, np.zeros(0, np.int64), B, steps, 1.0, 0, 1.0, rng)
+    # Replay every candidate alone, with the uniforms it was given: draw t of the round
+    # handed out one uniform per candidate still alive, in row order.
+    rng = np.random.default_rng(5)
+    alive, draws = list(range(B)), {b: [] for b in range(B)}
+    for t in range(steps + 1):
+        u = rng.random(len(alive))
+        for b, ub in zip(alive, u):
+            draws[b].append(ub)
+        alive = [b for b in alive if length[b] < 0 or length[b] > t]
+        if not alive:
+            break
+    eos = vocab.eos_id
+    for b in range(B):
+        state = model.zero_state(1)
+        logits, state, _ = model.forward(np.array([[eos]]), state)
+        for t, ub in enumerate(draws[b]):
+            ids = np.empty(1, np.int64)
+            model.backend.k.sample_rows(np.ascontiguousarray(logits[-1]), 1.0, 0, 1.0,
+                                        np.array([ub]), ids)
+            assert ids[0] == out[b, t]
+            if ids[0] == eos:
+                assert length[b] == t
+                break
+            logits, state, _ = model.forward(ids[None, :], state)
+        else:
+            assert length[b] == -1
 
 
 def test_impossible_constraints_return_what_was_found(model_vocab):

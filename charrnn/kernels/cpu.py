@@ -333,12 +333,20 @@ def gather_rows(table, ids, out):
     """table (V,D); ids (N,) int -> out (N,D) = table[ids]."""
     _check_ids(ids, table.shape[0])
     N, D = out.shape
+    # Explicit loops, not out[n, :] = table[...]: under parallel=True numba turns each slice
+    # assignment into a threaded region of its own (~10 us a row).
     if N * D < COPY_PAR_MIN:
         for n in range(N):
-            out[n, :] = table[ids[n], :]
+            _copy_row(table[ids[n]], out[n])
         return
     for n in prange(N):
-        out[n, :] = table[ids[n], :]
+        _copy_row(table[ids[n]], out[n])
+
+
+@njit(cache=True, inline="always")
+def _copy_row(src, dst):
+    for j in range(dst.shape[0]):
+        dst[j] = src[j]
 
 
 @njit(cache=True, parallel=True)
