@@ -355,20 +355,22 @@ def scatter_add_rows(ids, d, out):
     _check_ids(ids, out.shape[0])
     N, D = d.shape
     if N * D < COPY_PAR_MIN:
-        for n in range(N):
-            r = ids[n]
-            for j in range(D):
-                out[r, j] += d[n, j]
+        _scatter_cols(ids, d, out, 0, D)
         return
     # Each thread owns whole columns and adds rows in order 0..N-1, as np.add.at does (and
-    # as the loop above): no races, and the same sums bit for bit.
+    # as the serial path): no races, and the same sums bit for bit.
     for blk in prange((D + COL_BLOCK - 1) // COL_BLOCK):
-        lo = blk * COL_BLOCK
-        hi = min(D, lo + COL_BLOCK)
-        for n in range(N):
-            r = ids[n]
-            for j in range(lo, hi):
-                out[r, j] += d[n, j]
+        _scatter_cols(ids, d, out, blk * COL_BLOCK, min(D, (blk + 1) * COL_BLOCK))
+
+
+@njit(cache=True, inline="always")
+def _scatter_cols(ids, d, out, lo, hi):
+    # Columns [lo, hi) as slices indexed from 0, so the inner loop vectorises (an index
+    # j >= lo known only at run time kept it scalar: 2.6 ns an add, now ~0.3).
+    for n in range(ids.shape[0]):
+        o, s = out[ids[n], lo:hi], d[n, lo:hi]
+        for j in range(hi - lo):
+            o[j] += s[j]
 
 
 # ---------------------------------------------------------------- loss
@@ -563,24 +565,26 @@ def sample_rows(logits, temperature, top_k, top_p, u, out):
 @njit(cache=True, inline="always")
 def _adam_span(lo, hi, p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, l2, decay):
     # Scalars cast to the arrays' dtype, as numpy does with Python floats (NEP 50), and the
-    # operations in the reference's order: float32 results match it bit for bit.
+    # operations in the reference's order: float32 results match it bit for bit. Slices
+    # indexed from 0: an index from a run-time lo kept the loop scalar (~6 ns a parameter).
     dt = p.dtype.type
     shrink = dt(1.0 - lr * decay)
     l2t, b1, b2 = dt(l2), dt(beta1), dt(beta2)
     c1, c2 = dt(1.0 - beta1), dt(1.0 - beta2)
     lrt, bc1t, bc2t, epst = dt(lr), dt(bc1), dt(bc2), dt(eps)
-    for i in range(lo, hi):
-        pv = p[i]
+    ps, gs, ms, vs = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi]
+    for i in range(hi - lo):
+        pv = ps[i]
         if decay:
             pv = pv * shrink
-        gg = g[i] + l2t * pv if l2 else g[i]
-        mv = m[i] * b1
+        gg = gs[i] + l2t * pv if l2 else gs[i]
+        mv = ms[i] * b1
         mv = mv + c1 * gg
-        vv = v[i] * b2
+        vv = vs[i] * b2
         vv = vv + c2 * gg * gg
-        m[i] = mv
-        v[i] = vv
-        p[i] = pv - lrt * (mv / bc1t) / (np.sqrt(vv / bc2t) + epst)
+        ms[i] = mv
+        vs[i] = vv
+        ps[i] = pv - lrt * (mv / bc1t) / (np.sqrt(vv / bc2t) + epst)
 
 
 @njit(cache=True, parallel=True)
