@@ -106,7 +106,9 @@ class HostBackend:
         T, B, GH = xp.shape
         hp = X.empty((B, GH), xp.dtype)  # recurrent product, reused every step
         hin = X.empty_like(h0)  # masked h fed to W_hh
-        w_t = w_hh.T
+        # A contiguous W_hh.T: OpenBLAS's (64,128)@(128,512) runs 64 vs 78 us than with the
+        # transposed view; the copy costs one pass over W_hh per window.
+        w_t = X.ascontiguousarray(w_hh.T)
         h_prev, c_prev = h0, c0
         for t in range(T):
             if hmask is not None:
