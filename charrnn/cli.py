@@ -447,6 +447,30 @@ def info(ckpt, as_json):
     _out("\n".join(lines) + "\n")
 
 
+# ---------------------------------------------------------------------------------- plot
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--out", "out_path", type=click.Path(), default="loss.svg", show_default=True,
+              help="SVG file to write")
+@click.option("--title", default="", help="chart title")
+@click.option("--target", type=float, default=None, help="draw a dashed line at this loss")
+@click.option("--y-max", type=float, default=None, help="clip the loss axis here")
+@click.option("--label", "labels", multiple=True, help="legend name per run (default: directory)")
+def plot(runs, out_path, title, target, y_max, labels):
+    """Draw the loss curves of one or more run directories as an SVG chart."""
+    from charrnn.plot import loss_svg, read_run
+
+    if labels and len(labels) != len(runs):
+        raise UserError(f"--label given {len(labels)} times for {len(runs)} runs")
+    curves = [read_run(Path(r), labels[i] if labels else None) for i, r in enumerate(runs)]
+    svg = loss_svg(curves, title=title, target=target, y_max=y_max)
+    out = Path(out_path)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(svg)
+    os.replace(tmp, out)
+    err.print(f"wrote {out}")
+
+
 # ---------------------------------------------------------------------------------- export
 @main.command()
 @click.argument("source", type=click.Path())
