@@ -100,8 +100,8 @@ def loss_svg(runs: list[Curves], title: str = "", target: float | None = None,
     sx = lambda s: L + (s - x0) / (x1 - x0) * (R - L)
     sy = lambda v: B - (v - y0) / (y1 - y0) * (B - T)  # above y1 (--y-max): clipped away
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
-           f'viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">',
+    out = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
+            f'viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">'),
            f'<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>',
            f'<clipPath id="frame"><rect x="{L}" y="{T}" width="{R - L}" height="{B - T}"/></clipPath>']
     if title:

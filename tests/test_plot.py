@@ -1,5 +1,6 @@
 """Loss-curve charts: metrics.jsonl parsing, tick choice, the SVG drawn, and `charrnn plot`."""
 
+import itertools
 import json
 import math
 import xml.etree.ElementTree as ET
@@ -16,8 +17,7 @@ SVG = "{http://www.w3.org/2000/svg}"
 def _write_run(d, records):
     d.mkdir(parents=True, exist_ok=True)
     with open(d / "metrics.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+        f.writelines(json.dumps(r) + "\n" for r in records)
     return d
 
 
@@ -61,7 +61,7 @@ def test_read_run_errors(tmp_path, content, message):
 def test_nice_ticks_cover_the_range_in_round_steps(lo, hi):
     t = nice_ticks(lo, hi)
     assert t[0] <= lo and t[-1] >= hi
-    steps = {round(b - a, 9) for a, b in zip(t, t[1:])}
+    steps = {round(b - a, 9) for a, b in itertools.pairwise(t)}
     assert len(steps) == 1  # evenly spaced
     step = steps.pop()
     mant = step / 10 ** math.floor(math.log10(step))
