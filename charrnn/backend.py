@@ -46,10 +46,17 @@ class HostBackend:
     with CuPy) and a kernel module `k` (reference.py, cpu.py or cuda.py)."""
 
     xp = np
+    # Gate-width buffers serve twice: a window's input projections are overwritten by the
+    # activations, and those by their gradients in the backward (the step kernels allow it),
+    # so training holds one (T,B,G*H) array a layer, not three. The CUDA kernels have not
+    # been checked for it, so CudaBackend turns it off.
+    reuse_gate_buffers = True
 
-    def __init__(self, name: str, kernels: ModuleType):
+    def __init__(self, name: str, kernels: ModuleType, reuse_gate_buffers: bool | None = None):
         self.name = name
         self.k = kernels
+        if reuse_gate_buffers is not None:  # tests keep a reference's caches intact
+            self.reuse_gate_buffers = reuse_gate_buffers
 
     # -- memory ---------------------------------------------------------------------
     def asarray(self, a, dtype=None):
@@ -86,14 +93,17 @@ class HostBackend:
     # -- one recurrent layer over a window -------------------------------------------
     def layer_forward(self, cell, xp, w_hh, b_hh, h0, c0, hmask):
         """xp (T,B,G*H) input projections (b_ih included); w_hh (G*H,H); b_hh (G*H,);
-        h0, c0 (B,H); hmask (B,H) or None -> hs (T,B,H), final h (B,H), final c, cache."""
+        h0, c0 (B,H); hmask (B,H) or None -> hs (T,B,H), final h (B,H), final c, cache.
+        With reuse_gate_buffers, xp is overwritten (by the activations the cache keeps)."""
         X = self.xp
         T, B, GH = xp.shape
         H = h0.shape[1]
         dt = xp.dtype
         xp = X.ascontiguousarray(xp)
         hs = X.empty((T, B, H), dt)
-        act = X.empty((T, B, GH), dt) if cell != "rnn" else None
+        act = None
+        if cell != "rnn":
+            act = xp if self.reuse_gate_buffers else X.empty((T, B, GH), dt)
         cs = X.empty((T, B, H), dt) if cell == "lstm" else None
         hn = X.empty((T, B, H), dt) if cell == "gru" else None
         self._forward_steps(cell, xp, w_hh, b_hh, h0, c0, hmask, hs, act, cs, hn)
@@ -127,14 +137,16 @@ class HostBackend:
 
     def layer_backward(self, cache: LayerCache, dhs, w_hh):
         """dhs (T,B,H) = dL/dh_t from above (final state detached) ->
-        dxp (T,B,G*H), dw_hh (G*H,H), db_hh (G*H,), dh0 (B,H), dc0 (B,H) or None."""
+        dxp (T,B,G*H), dw_hh (G*H,H), db_hh (G*H,), dh0 (B,H), dc0 (B,H) or None.
+        With reuse_gate_buffers, dxp is the cache's activation array (the cache is spent)."""
         X = self.xp
         cell, hs = cache.cell, cache.hs
         T, B, H = hs.shape
         GH = GATES[cell] * H
         dt = hs.dtype
         dhs = X.ascontiguousarray(dhs)
-        dxp = X.empty((T, B, GH), dt)
+        reuse = self.reuse_gate_buffers and cache.act is not None
+        dxp = cache.act if reuse else X.empty((T, B, GH), dt)
         # LSTM and RNN: dL/dhp equals dL/dxp; GRU differs in the n block (r * .).
         dhp = X.empty((T, B, GH), dt) if cell == "gru" else None
         dh0 = X.empty((B, H), dt)

@@ -43,6 +43,8 @@ class CudaBackend(HostBackend):
     but the recurrence is HostBackend's code on CuPy arrays; the recurrence tries the
     persistent kernels first and falls back to HostBackend's per-step loop."""
 
+    reuse_gate_buffers = False  # the CUDA kernels are not checked for act = xp, dxp = act
+
     def __init__(self, persistent: bool = True):
         super().__init__("cuda", cuda_kernels)
         self.xp = _array_module()

@@ -88,6 +88,37 @@ def _backward(k, cell, fwd, prev, dh, dc):
     return {"dxp": dxp, "dhp": dhp, "dh_prev": dh_prev}
 
 
+@pytest.mark.parametrize("k", [reference, cpu], ids=["reference", "cpu"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("B,H", STEP_SHAPES)
+def test_gate_outputs_may_overwrite_their_inputs(k, cell, B, H):
+    """act may be xp, and the backward's dpre (LSTM) / dxp (GRU) may be act: the same bits
+    as with separate arrays (HostBackend reuses those buffers)."""
+    rng = np.random.default_rng(B * H)
+    xp, hp, b_hh, prev, dh, dc = _step_inputs(cell, B, H, np.float32, rng, 2.0)
+    want_f = _forward(k, cell, xp, hp, b_hh, prev)
+    act = xp.copy()  # the activations land in the input projections' buffer
+    other, h = np.empty_like(prev), np.empty_like(prev)
+    if cell == "lstm":
+        k.lstm_forward_step(act, hp, b_hh, prev, act, other, h)
+    else:
+        k.gru_forward_step(act, hp, b_hh, prev, act, other, h)
+    np.testing.assert_array_equal(act, want_f["act"])
+    np.testing.assert_array_equal(h, want_f["h"])
+    np.testing.assert_array_equal(other, want_f["other"])
+    want_b = _backward(k, cell, want_f, prev, dh, dc)
+    if cell == "lstm":
+        dc2 = dc.copy()
+        k.lstm_backward_step(act, prev, other, dh, dc2, act)
+        got = {"dpre": act, "dc": dc2}
+    else:
+        dhp, dh_prev = np.empty_like(act), np.empty_like(prev)
+        k.gru_backward_step(act, other, prev, dh, act, dhp, dh_prev)
+        got = {"dxp": act, "dhp": dhp, "dh_prev": dh_prev}
+    for name, want in want_b.items():
+        np.testing.assert_array_equal(got[name], want, err_msg=name)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("B,H", STEP_SHAPES)
@@ -376,7 +407,7 @@ def test_layer_forward_backward_match_reference_backend(cell, with_hmask, dtype)
     results = {}
     for name, k in (("reference", reference), ("cpu", cpu)):
         be = HostBackend(name, k)
-        hs, hT, cT, cache = be.layer_forward(cell, xp, w_hh, b_hh, h0, c0, hmask)
+        hs, hT, cT, cache = be.layer_forward(cell, xp.copy(), w_hh, b_hh, h0, c0, hmask)  # xp is overwritten
         back = be.layer_backward(cache, dhs, w_hh)
         results[name] = [hs, hT, cT, *back]
     for a, b in zip(results["cpu"], results["reference"]):

@@ -127,6 +127,10 @@ def _sigmoid_act_impl(x, one):
 # - a loop indexes from 0: each gate block is its own slice (`_blk`), because an index
 #   like 2*H + j with H known only at run time defeats the vectoriser (it cannot rule out
 #   a negative, wrapped-around index).
+# A row's gate-width output is built in a scratch row `s` and copied out last, so it may be
+# the very array it replaces (act = xp, dpre = act: the host backends reuse those buffers,
+# one (T,B,G*H) array a layer less). Writing it in place instead would alias a loop's
+# input and output, and LLVM's alias check would send every loop down its scalar path.
 
 
 @njit(cache=True, inline="always")
@@ -136,116 +140,130 @@ def _blk(row, k, H):
 
 
 @njit(cache=True, inline="always")
-def _lstm_fwd_row(b, xp, hp, b_hh, c_prev, act, c, h):
+def _copy_row(src, dst):
+    for j in range(dst.shape[0]):
+        dst[j] = src[j]
+
+
+@njit(cache=True, inline="always")
+def _lstm_fwd_row(b, xp, hp, b_hh, c_prev, act, c, h, s):
     H = c.shape[1]
     one = c.dtype.type(1)
-    x, p, a = xp[b], hp[b], act[b]
+    x, p = xp[b], hp[b]
     for k in range(4):
-        xk, pk, bk, ak = _blk(x, k, H), _blk(p, k, H), _blk(b_hh, k, H), _blk(a, k, H)
+        xk, pk, bk, sk = _blk(x, k, H), _blk(p, k, H), _blk(b_hh, k, H), _blk(s, k, H)
         if k == 2:  # g
             for j in range(H):
-                ak[j] = _tanh_act(xk[j] + pk[j] + bk[j])
+                sk[j] = _tanh_act(xk[j] + pk[j] + bk[j])
         else:  # i, f, o
             for j in range(H):
-                ak[j] = _sigmoid_act(xk[j] + pk[j] + bk[j], one)
-    i, f, g, o = _blk(a, 0, H), _blk(a, 1, H), _blk(a, 2, H), _blk(a, 3, H)
+                sk[j] = _sigmoid_act(xk[j] + pk[j] + bk[j], one)
+    i, f, g, o = _blk(s, 0, H), _blk(s, 1, H), _blk(s, 2, H), _blk(s, 3, H)
     cp, cr, hr = c_prev[b], c[b], h[b]
     for j in range(H):
         cc = f[j] * cp[j] + i[j] * g[j]
         cr[j] = cc
         hr[j] = o[j] * _tanh_act(cc)
+    _copy_row(s, act[b])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def lstm_forward_step(xp, hp, b_hh, c_prev, act, c, h):
-    """xp, hp (B,4H); b_hh (4H,); c_prev (B,H) -> act (B,4H) = [i,f,g,o] activated, c, h (B,H)."""
+    """xp, hp (B,4H); b_hh (4H,); c_prev (B,H) -> act (B,4H) = [i,f,g,o] activated, c, h (B,H).
+    act may be xp itself."""
     B, H = c.shape
     if B * H < PAR_MIN:
+        s = np.empty(act.shape[1], act.dtype)  # (4H,) scratch row
         for b in range(B):
-            _lstm_fwd_row(b, xp, hp, b_hh, c_prev, act, c, h)
+            _lstm_fwd_row(b, xp, hp, b_hh, c_prev, act, c, h, s)
         return
     for b in prange(B):
-        _lstm_fwd_row(b, xp, hp, b_hh, c_prev, act, c, h)
+        _lstm_fwd_row(b, xp, hp, b_hh, c_prev, act, c, h, np.empty(act.shape[1], act.dtype))
 
 
 @njit(cache=True, inline="always")
-def _lstm_bwd_row(b, act, c_prev, c, dh, dc, dpre):
+def _lstm_bwd_row(b, act, c_prev, c, dh, dc, dpre, s):
     H = c.shape[1]
     one = c.dtype.type(1)
-    a, d = act[b], dpre[b]
+    a = act[b]
     i, f, g, o = _blk(a, 0, H), _blk(a, 1, H), _blk(a, 2, H), _blk(a, 3, H)
-    cr, dhr, dcr, do = c[b], dh[b], dc[b], _blk(d, 3, H)
+    cr, dhr, dcr, do = c[b], dh[b], dc[b], _blk(s, 3, H)
     for j in range(H):  # dL/dc_t in full, into dc; the o gate
         tc = _tanh_act(cr[j])
         dhv = dhr[j]
         dcr[j] = dcr[j] + dhv * o[j] * (one - tc * tc)
         do[j] = dhv * tc * o[j] * (one - o[j])
-    cp, di, df, dg = c_prev[b], _blk(d, 0, H), _blk(d, 1, H), _blk(d, 2, H)
+    cp, di, df, dg = c_prev[b], _blk(s, 0, H), _blk(s, 1, H), _blk(s, 2, H)
     for j in range(H):  # i, f, g, then dL/dc_{t-1}
         dct = dcr[j]
         di[j] = dct * g[j] * i[j] * (one - i[j])
         df[j] = dct * cp[j] * f[j] * (one - f[j])
         dg[j] = dct * i[j] * (one - g[j] * g[j])
         dcr[j] = dct * f[j]
+    _copy_row(s, dpre[b])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def lstm_backward_step(act, c_prev, c, dh, dc, dpre):
     """act (B,4H); c_prev, c (B,H); dh (B,H): dL/dh_t in full.
     dc (B,H): in = dL/dc_t from step t+1, out = dL/dc_{t-1} (updated in place).
-    dpre (B,4H) out: dL/d(pre-activation), which is both dL/dxp and dL/dhp."""
+    dpre (B,4H) out: dL/d(pre-activation), which is both dL/dxp and dL/dhp; may be act."""
     B, H = c.shape
     if B * H < PAR_MIN:
+        s = np.empty(dpre.shape[1], dpre.dtype)  # (4H,) scratch row
         for b in range(B):
-            _lstm_bwd_row(b, act, c_prev, c, dh, dc, dpre)
+            _lstm_bwd_row(b, act, c_prev, c, dh, dc, dpre, s)
         return
     for b in prange(B):
-        _lstm_bwd_row(b, act, c_prev, c, dh, dc, dpre)
+        _lstm_bwd_row(b, act, c_prev, c, dh, dc, dpre, np.empty(dpre.shape[1], dpre.dtype))
 
 
 # ---------------------------------------------------------------- GRU
 
 
 @njit(cache=True, inline="always")
-def _gru_fwd_row(b, xp, hp, b_hh, h_prev, act, hn, h):
+def _gru_fwd_row(b, xp, hp, b_hh, h_prev, act, hn, h, s):
     H = h.shape[1]
     one = h.dtype.type(1)
-    x, p, a = xp[b], hp[b], act[b]
+    x, p = xp[b], hp[b]
     for k in range(2):  # r, z
-        xk, pk, bk, ak = _blk(x, k, H), _blk(p, k, H), _blk(b_hh, k, H), _blk(a, k, H)
+        xk, pk, bk, sk = _blk(x, k, H), _blk(p, k, H), _blk(b_hh, k, H), _blk(s, k, H)
         for j in range(H):
-            ak[j] = _sigmoid_act(xk[j] + (pk[j] + bk[j]), one)
+            sk[j] = _sigmoid_act(xk[j] + (pk[j] + bk[j]), one)
     hnr, pn, bn = hn[b], _blk(p, 2, H), _blk(b_hh, 2, H)
     for j in range(H):
         hnr[j] = pn[j] + bn[j]
-    r, z, n, xn = _blk(a, 0, H), _blk(a, 1, H), _blk(a, 2, H), _blk(x, 2, H)
+    r, z, n, xn = _blk(s, 0, H), _blk(s, 1, H), _blk(s, 2, H), _blk(x, 2, H)
     for j in range(H):
         n[j] = _tanh_act(xn[j] + r[j] * hnr[j])
     hp_, hr = h_prev[b], h[b]
     for j in range(H):
         hr[j] = (one - z[j]) * n[j] + z[j] * hp_[j]
+    _copy_row(s, act[b])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def gru_forward_step(xp, hp, b_hh, h_prev, act, hn, h):
-    """xp, hp (B,3H); b_hh (3H,); h_prev (B,H) -> act (B,3H) = [r,z,n], hn (B,H) = W_hn h + b_hn, h (B,H)."""
+    """xp, hp (B,3H); b_hh (3H,); h_prev (B,H) -> act (B,3H) = [r,z,n], hn (B,H) = W_hn h + b_hn, h (B,H).
+    act may be xp itself."""
     B, H = h.shape
     if B * H < PAR_MIN:
+        s = np.empty(act.shape[1], act.dtype)  # (3H,) scratch row
         for b in range(B):
-            _gru_fwd_row(b, xp, hp, b_hh, h_prev, act, hn, h)
+            _gru_fwd_row(b, xp, hp, b_hh, h_prev, act, hn, h, s)
         return
     for b in prange(B):
-        _gru_fwd_row(b, xp, hp, b_hh, h_prev, act, hn, h)
+        _gru_fwd_row(b, xp, hp, b_hh, h_prev, act, hn, h, np.empty(act.shape[1], act.dtype))
 
 
 @njit(cache=True, inline="always")
-def _gru_bwd_row(b, act, hn, h_prev, dh, dxp, dhp, dh_prev):
+def _gru_bwd_row(b, act, hn, h_prev, dh, dxp, dhp, dh_prev, s):
     H = dh.shape[1]
     one = dh.dtype.type(1)
-    a, dx, dp = act[b], dxp[b], dhp[b]
+    a, dp = act[b], dhp[b]
     r, z, n = _blk(a, 0, H), _blk(a, 1, H), _blk(a, 2, H)
     hnr, hp_, dhr = hn[b], h_prev[b], dh[b]
-    dr, dz, dn = _blk(dx, 0, H), _blk(dx, 1, H), _blk(dx, 2, H)
+    dr, dz, dn = _blk(s, 0, H), _blk(s, 1, H), _blk(s, 2, H)
     for j in range(H):
         dhv = dhr[j]
         dnv = dhv * (one - z[j]) * (one - n[j] * n[j])
@@ -254,26 +272,29 @@ def _gru_bwd_row(b, act, hn, h_prev, dh, dxp, dhp, dh_prev):
     for j in range(H):
         dz[j] = dhr[j] * (hp_[j] - n[j]) * z[j] * (one - z[j])
     for j in range(2 * H):  # r, z: dL/dhp = dL/dxp
-        dp[j] = dx[j]
+        dp[j] = s[j]
     dpn = _blk(dp, 2, H)
     for j in range(H):  # n: hp's n block enters scaled by r
         dpn[j] = dn[j] * r[j]
     dhpr = dh_prev[b]
     for j in range(H):
         dhpr[j] = dhr[j] * z[j]
+    _copy_row(s, dxp[b])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def gru_backward_step(act, hn, h_prev, dh, dxp, dhp, dh_prev):
-    """act (B,3H); hn, h_prev, dh (B,H) -> dxp (B,3H) = dL/dxp, dhp (B,3H) = dL/dhp (b_hh included),
-    dh_prev (B,H) = the direct path z * dh (the W_hh path is added by the caller)."""
+    """act (B,3H); hn, h_prev, dh (B,H) -> dxp (B,3H) = dL/dxp (may be act), dhp (B,3H) =
+    dL/dhp (b_hh included), dh_prev (B,H) = the direct path z * dh (the W_hh path is added
+    by the caller)."""
     B, H = dh.shape
     if B * H < PAR_MIN:
+        s = np.empty(dxp.shape[1], dxp.dtype)  # (3H,) scratch row
         for b in range(B):
-            _gru_bwd_row(b, act, hn, h_prev, dh, dxp, dhp, dh_prev)
+            _gru_bwd_row(b, act, hn, h_prev, dh, dxp, dhp, dh_prev, s)
         return
     for b in prange(B):
-        _gru_bwd_row(b, act, hn, h_prev, dh, dxp, dhp, dh_prev)
+        _gru_bwd_row(b, act, hn, h_prev, dh, dxp, dhp, dh_prev, np.empty(dxp.shape[1], dxp.dtype))
 
 
 # ---------------------------------------------------------------- vanilla RNN (tanh)
@@ -341,12 +362,6 @@ def gather_rows(table, ids, out):
         return
     for n in prange(N):
         _copy_row(table[ids[n]], out[n])
-
-
-@njit(cache=True, inline="always")
-def _copy_row(src, dst):
-    for j in range(dst.shape[0]):
-        dst[j] = src[j]
 
 
 @njit(cache=True, parallel=True)

@@ -33,7 +33,9 @@ def _sigmoid(x):
 
 
 def lstm_forward_step(xp, hp, b_hh, c_prev, act, c, h):
-    """xp, hp (B,4H); b_hh (4H,); c_prev (B,H) -> act (B,4H) = [i,f,g,o] activated, c, h (B,H)."""
+    """xp, hp (B,4H); b_hh (4H,); c_prev (B,H) -> act (B,4H) = [i,f,g,o] activated, c, h (B,H).
+    act may be xp itself (overwritten in place); so in every step kernel, an output of gate
+    width may be the input it replaces."""
     H = c.shape[1]
     pre = xp + hp + b_hh  # (B,4H)
     act[:, : 2 * H] = _sigmoid(pre[:, : 2 * H])  # i, f
@@ -52,11 +54,13 @@ def lstm_backward_step(act, c_prev, c, dh, dc, dpre):
     i, f, g, o = act[:, :H], act[:, H : 2 * H], act[:, 2 * H : 3 * H], act[:, 3 * H :]
     tc = np.tanh(c)
     dct = dc + dh * o * (1.0 - tc * tc)
-    dpre[:, :H] = dct * g * i * (1.0 - i)
-    dpre[:, H : 2 * H] = dct * c_prev * f * (1.0 - f)
-    dpre[:, 2 * H : 3 * H] = dct * i * (1.0 - g * g)
-    dpre[:, 3 * H :] = dh * tc * o * (1.0 - o)
+    # Every block computed before any is written: dpre may be act itself (host backends
+    # overwrite a step's activations with its gradients).
+    blocks = (dct * g * i * (1.0 - i), dct * c_prev * f * (1.0 - f), dct * i * (1.0 - g * g),
+              dh * tc * o * (1.0 - o))
     dc[...] = dct * f
+    for k, blk in enumerate(blocks):
+        dpre[:, k * H : (k + 1) * H] = blk
 
 
 # ---------------------------------------------------------------- GRU
@@ -82,13 +86,14 @@ def gru_backward_step(act, hn, h_prev, dh, dxp, dhp, dh_prev):
     dn = dh * (1.0 - z) * (1.0 - n * n)  # through tanh
     dr = dn * hn * r * (1.0 - r)
     dz = dh * (h_prev - n) * z * (1.0 - z)
-    dxp[:, :H] = dr
-    dxp[:, H : 2 * H] = dz
-    dxp[:, 2 * H :] = dn
+    # act is read in full before dxp is written: dxp may be act itself.
     dhp[:, :H] = dr
     dhp[:, H : 2 * H] = dz
     dhp[:, 2 * H :] = dn * r
     dh_prev[...] = dh * z
+    dxp[:, :H] = dr
+    dxp[:, H : 2 * H] = dz
+    dxp[:, 2 * H :] = dn
 
 
 # ---------------------------------------------------------------- vanilla RNN (tanh)
