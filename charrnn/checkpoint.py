@@ -226,8 +226,9 @@ def read_meta(path) -> dict:
     return _parse_header(path, header, size)
 
 
-def load(path) -> tuple[dict[str, np.ndarray], dict]:
-    """Read a checkpoint: (tensors, meta). float16 tensors come back as float32."""
+def load(path, keep_half: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+    """Read a checkpoint: (tensors, meta). float16 tensors come back as float32, or as
+    stored with keep_half=True."""
     path = os.fspath(path)
     _check_path(path)
     try:
@@ -242,7 +243,7 @@ def load(path) -> tuple[dict[str, np.ndarray], dict]:
     except (SafetensorError, ValueError, TypeError):  # numpy's, on a damaged layout
         raise _unreadable(path) from None
     for name, a in tensors.items():
-        if a.dtype == np.float16:
+        if a.dtype == np.float16 and not keep_half:
             tensors[name] = a.astype(np.float32)
     return tensors, meta
 

@@ -277,15 +277,22 @@ def _resume(resume, corpus, opts, given):
 @click.option("--argmax", is_flag=True, help="always take the most likely character")
 @click.option("--prime", default="", help="text to start from (printed first)")
 @click.option("--seed", type=int, default=None, help="same seed, same text")
-@click.option("--half", is_flag=True, help="float16 weights: faster on big models, loss change ~1e-5 nats")
+@click.option("--half/--no-half", default=None,
+              help="stream float16 weights: faster on big models, loss change ~1e-5 nats  "
+                   "[default: on when the checkpoint stores float16, as exported models do]")
 @_device_option
 def sample(ckpt, length, temps, top_k, top_p, argmax, prime, seed, half, device):
     """Stream generated text from a checkpoint."""
+    from charrnn.backend import HostBackend
     from charrnn.sampler import generate
 
     temps = temps or (SampleConfig.temperature,)
     cfgs = [SampleConfig(length, t, top_k, top_p, prime, seed, argmax, half).validate() for t in temps]
     run = _load(ckpt, device, "run")
+    if half is None:  # float16 on the CPU path only (the CUDA path streams float32)
+        half = run.stored_half and isinstance(run.model.backend, HostBackend)
+    for cfg in cfgs:
+        cfg.half = half
     prime = prime.replace("\\n", "\n")
     for i, cfg in enumerate(cfgs):
         cfg.prime = prime

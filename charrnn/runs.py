@@ -91,7 +91,7 @@ class Loaded:
     def __init__(self, path: Path, device: str = "cpu", backend=None):
         from charrnn.backend import get_backend
 
-        tensors, meta = checkpoint.load(path)
+        tensors, meta = checkpoint.load(path, keep_half=True)
         try:
             self.model_cfg = from_dict(ModelConfig, meta["model"])
             self.vocab = vocab_from_meta(meta)
@@ -105,6 +105,9 @@ class Loaded:
         self.lines = bool(self.train_cfg.lines)
         names = [n for n in tensors if not n.startswith(("train.", "data."))]
         params = {n: tensors[n] for n in names}
+        # Weights stored in float16 (exported models): sampling streams them as float16 by
+        # default, the very same values in half the bytes (the model computes in float32).
+        self.stored_half = any(a.dtype == np.float16 for a in params.values())
         try:
             self.model = CharRNN(self.model_cfg, params=params,
                                  backend=backend or get_backend(device))

@@ -54,6 +54,25 @@ def test_end_to_end_train_sample_eval_score_info(runner, tmp_path):
     primed = _ok(runner.invoke(main, ["sample", "-n", "10", "--prime", "All:", "--argmax"])).output
     assert primed.startswith("All:")
 
+    # An exported (float16) model streams its float16 weights by default: the very values it
+    # stores, in half the bytes, so the same text as upcasting them to float32 first.
+    _ok(runner.invoke(main, ["export", str(run), "small.safetensors"]))
+    calls = []
+    from charrnn import sampler
+
+    real = sampler._fused_chunks
+    monkey = lambda *a: calls.append(a[-1]) or real(*a)
+    sampler._fused_chunks = monkey
+    try:
+        auto = _ok(runner.invoke(main, ["sample", "-c", "small.safetensors", "-n", "300", "--seed", "3"])).output
+        full = _ok(runner.invoke(main, ["sample", "-c", "small.safetensors", "-n", "300", "--seed", "3",
+                                        "--no-half"])).output
+        _ok(runner.invoke(main, ["sample", "-n", "5", "--seed", "3"]))  # a float32 run checkpoint
+    finally:
+        sampler._fused_chunks = real
+    assert calls == [True, False, False]
+    assert auto == full
+
     ev = json.loads(_ok(runner.invoke(main, ["eval", "--json"])).output)
     assert ev["tokens"] > 100 and 0 < ev["nats_per_char"] < 4.5
     assert abs(ev["bits_per_char"] - ev["nats_per_char"] / np.log(2)) < 1e-9
