@@ -283,14 +283,13 @@ def _resume(resume, corpus, opts, given):
 @_device_option
 def sample(ckpt, length, temps, top_k, top_p, argmax, prime, seed, half, device):
     """Stream generated text from a checkpoint."""
-    from charrnn.backend import HostBackend
     from charrnn.sampler import generate
 
     temps = temps or (SampleConfig.temperature,)
     cfgs = [SampleConfig(length, t, top_k, top_p, prime, seed, argmax, half).validate() for t in temps]
     run = _load(ckpt, device, "run")
-    if half is None:  # float16 on the CPU path only (the CUDA path streams float32)
-        half = run.stored_half and isinstance(run.model.backend, HostBackend)
+    if half is None:  # float16 on the host path only (the CUDA generator streams float32)
+        half = run.stored_half and run.model.backend.name != "cuda"
     for cfg in cfgs:
         cfg.half = half
     prime = prime.replace("\\n", "\n")

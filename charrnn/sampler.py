@@ -5,9 +5,11 @@ same text. Lines models (names) restart from a fresh state after every end token
 samples are a stream of new lines.
 
 On a host backend the whole loop (cells, decoder, sampling) runs inside the kernel module's
-`generate_ids`, CHUNK characters per call with the state carried between calls; other
-backends (CUDA) take one `model.forward` and one `sample_rows` per character. Either way
-the uniforms come from one numpy Generator in the same order, so a seed names one text.
+`generate_ids`, CHUNK characters per call with the state carried between calls; on the CUDA
+backend inside kernels/cuda_generate.py's `generate_ids`, one persistent kernel per chunk
+with the weights, state and uniforms on the device. Models too large for that (and other
+backends) take one `model.forward` and one `sample_rows` per character. Every way the
+uniforms come from one numpy Generator in the same order, so a seed names one text.
 `cfg.half` hands generate_ids its weight matrices as float16 (half the bytes to stream per
 character, so faster where they outgrow the caches); the text then differs from float32's.
 
@@ -48,20 +50,27 @@ def _half(name: str, w: np.ndarray) -> np.ndarray:
     return w.astype(np.float16).view(np.uint16)
 
 
+def _stacked_weights(model, xp):
+    """generate_ids' weights as arrays of xp: w_ih (L-1,G*H,H), b_ih (L-1,G*H),
+    w_hh (L,G*H,H), b_hh (L,G*H), dec_w (V,H). Stacked once per generate call: layers >= 1
+    all have width H."""
+    p, mc = model.params, model.cfg
+    L, H, GH = mc.layers, mc.hidden, mc.gates * mc.hidden
+    w_ih = xp.zeros((L - 1, GH, H), model.dtype)
+    b_ih = xp.zeros((L - 1, GH), model.dtype)
+    for k in range(1, L):
+        w_ih[k - 1], b_ih[k - 1] = p[f"rnn.weight_ih_l{k}"], p[f"rnn.bias_ih_l{k}"]
+    w_hh = xp.stack([p[f"rnn.weight_hh_l{k}"] for k in range(L)])
+    b_hh = xp.stack([p[f"rnn.bias_hh_l{k}"] for k in range(L)])
+    return w_ih, b_ih, w_hh, b_hh, p["decoder.weight"]
+
+
 def _fused_chunks(model, table, state, cur: int, rng, cfg: SampleConfig, top_k: int, eos: int,
                   half: bool):
     """Yield ids (n,) CHUNK at a time from the kernels' generate_ids (host backends)."""
     p, mc = model.params, model.cfg
-    L, H, GH = mc.layers, mc.hidden, mc.gates * mc.hidden
     dt = model.dtype
-    # Per-layer weights stacked once per call: layers >= 1 all have width H.
-    w_ih = np.zeros((L - 1, GH, H), dt)  # (L-1,G*H,H)
-    b_ih = np.zeros((L - 1, GH), dt)  # (L-1,G*H)
-    for k in range(1, L):
-        w_ih[k - 1], b_ih[k - 1] = p[f"rnn.weight_ih_l{k}"], p[f"rnn.bias_ih_l{k}"]
-    w_hh = np.stack([p[f"rnn.weight_hh_l{k}"] for k in range(L)])  # (L,G*H,H)
-    b_hh = np.stack([p[f"rnn.bias_hh_l{k}"] for k in range(L)])  # (L,G*H)
-    dec_w = p["decoder.weight"]  # (V,H)
+    w_ih, b_ih, w_hh, b_hh, dec_w = _stacked_weights(model, np)
     if half:
         w_ih, w_hh, dec_w = (_half(n, w) for n, w in (("rnn.weight_ih", w_ih),
                                                        ("rnn.weight_hh", w_hh),
@@ -82,8 +91,40 @@ def _fused_chunks(model, table, state, cur: int, rng, cfg: SampleConfig, top_k: 
         yield out
 
 
+def _device_chunks(model, table, state, cur: int, rng, cfg: SampleConfig, top_k: int, eos: int):
+    """Yield ids (n,) CHUNK at a time from cuda_generate.generate_ids (the CUDA backend):
+    weights and state stay on the device; per chunk the uniforms go in and the ids out."""
+    from charrnn.kernels import cuda_generate
+
+    be, p, mc = model.backend, model.params, model.cfg
+    X = be.xp
+    w_ih, b_ih, w_hh, b_hh, dec_w = _stacked_weights(model, X)
+    h = X.ascontiguousarray(state.h[:, 0])  # (L,H)
+    c = X.ascontiguousarray(state.c[:, 0]) if state.c is not None else None  # (L,H) LSTM
+    left = cfg.length
+    while left > 0:
+        n = min(CHUNK, left)
+        u = X.asarray(rng.random(n))  # (n,)
+        out = X.empty(n, np.int64)  # (n,)
+        cuda_generate.generate_ids(mc.cell, mc.residual, table, w_ih, b_ih, w_hh, b_hh, dec_w,
+                                   p["decoder.bias"], h, c, cur, float(cfg.temperature), top_k,
+                                   float(cfg.top_p), u, eos, out)
+        ids = be.to_numpy(out)
+        cur = int(ids[-1])
+        left -= n
+        yield ids
+
+
+def _fits_device(model) -> bool:
+    """cuda_generate can sample this model (its vectors fit the GPU's shared memory)."""
+    from charrnn.kernels import cuda_generate
+
+    return not cuda_generate.unavailable(model.cfg.hidden, model.cfg.gates, model.dtype)
+
+
 def _stepwise_chunks(model, table, state, cur: int, rng, cfg: SampleConfig, top_k: int, eos: int):
-    """Yield ids (n,) CHUNK at a time, one model.forward per character (device backends)."""
+    """Yield ids (n,) CHUNK at a time, one model.forward per character (the fallback of
+    device backends)."""
     be = model.backend
     x = np.zeros((1, 1), np.int64)  # (T=1, B=1)
     pick = np.zeros(1, np.int64)  # (B=1,)
@@ -117,11 +158,14 @@ def generate(model, vocab, cfg: SampleConfig, lines: bool = False):
         _, state, _ = model.forward(context[:-1, None], state, table=table)
     eos = vocab.eos_id if lines else -1
     args = (model, table, state, int(context[-1]), rng, cfg, top_k, eos)
-    if isinstance(model.backend, HostBackend):
+    on_cuda = model.backend.name == "cuda"  # a HostBackend subclass, with its own generator
+    if isinstance(model.backend, HostBackend) and not on_cuda:
         chunks = _fused_chunks(*args, cfg.half)
     elif cfg.half:
         raise ValueError(f"half-precision sampling runs on the CPU, not on {model.backend.name!r}; "
                          "use --device cpu")
+    elif on_cuda and _fits_device(model):
+        chunks = _device_chunks(*args)
     else:
         chunks = _stepwise_chunks(*args)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace") if vocab.kind == "bytes" else None

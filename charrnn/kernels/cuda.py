@@ -447,55 +447,67 @@ def log_softmax_rows(logits, out):
 # ---------------------------------------------------------------- sampling
 
 
-@cuda.jit(cache=True)
-def _sample_rows_kernel(logits, temperature, top_k, top_p, u, work, out):
-    # work (B*2V,) float64: per row, [0, V) the ids in descending-logit order (ties: lower
-    # id first, as the reference's stable argsort), [V, 2V) their probabilities.
-    B, V = logits.shape
+@cuda.jit(device=True)
+def _draw(logits, temperature, top_k, top_p, u, work, o):
+    """One id drawn from logits (V,) as reference.sample_logits with uniform u, by the whole
+    block (every thread must call it: it synchronises the block). work[o, o+2V) float64:
+    [0, V) the ids in descending-logit order (ties: lower id first, as the reference's stable
+    argsort), [V, 2V) their probabilities. Returns the id on thread 0, -1 on the others."""
+    V = logits.shape[0]
     tid, nt = cuda.threadIdx.x, cuda.blockDim.x
-    for b in range(cuda.blockIdx.x, B, cuda.gridDim.x):  # one block per row
-        o = b * 2 * V
-        for j in range(tid, V, nt):
-            work[o + j] = j  # every slot a valid id even if NaN logits collide in rank
-        cuda.syncthreads()
-        for j in range(tid, V, nt):
-            x = logits[b, j]
-            rank = 0
-            for i in range(V):
-                y = logits[b, i]
-                if y > x or (y == x and i < j):
-                    rank += 1
-            work[o + rank] = j
-        cuda.syncthreads()
-        z0 = float64(logits[b, int(work[o])]) / temperature
-        for r in range(tid, V, nt):
-            work[o + V + r] = math.exp(float64(logits[b, int(work[o + r])]) / temperature - z0)
-        cuda.syncthreads()
-        if tid == 0:  # the prefix sums are sequential, as np.cumsum
-            p = o + V
-            keep = V if top_k <= 0 else min(top_k, V)
-            if top_p < 1.0:
-                s = 0.0
-                for i in range(keep):
-                    s += work[p + i]
-                c = 0.0
-                for i in range(keep):
-                    c += work[p + i]
-                    if c / s >= top_p:  # the smallest prefix reaching top_p
-                        keep = i + 1
-                        break
-            total = 0.0
+    for j in range(tid, V, nt):
+        work[o + j] = j  # every slot a valid id even if NaN logits collide in rank
+    cuda.syncthreads()
+    for j in range(tid, V, nt):
+        x = logits[j]
+        rank = 0
+        for i in range(V):
+            y = logits[i]
+            if y > x or (y == x and i < j):
+                rank += 1
+        work[o + rank] = j
+    cuda.syncthreads()
+    z0 = float64(logits[int(work[o])]) / temperature
+    for r in range(tid, V, nt):
+        work[o + V + r] = math.exp(float64(logits[int(work[o + r])]) / temperature - z0)
+    cuda.syncthreads()
+    pick = -1
+    if tid == 0:  # the prefix sums are sequential, as np.cumsum
+        p = o + V
+        keep = V if top_k <= 0 else min(top_k, V)
+        if top_p < 1.0:
+            s = 0.0
             for i in range(keep):
-                total += work[p + i]
-            target = u[b] * total
-            pick = keep - 1
+                s += work[p + i]
             c = 0.0
             for i in range(keep):
                 c += work[p + i]
-                if c > target:
-                    pick = i
+                if c / s >= top_p:  # the smallest prefix reaching top_p
+                    keep = i + 1
                     break
-            out[b] = int(work[o + pick])
+        total = 0.0
+        for i in range(keep):
+            total += work[p + i]
+        target = u * total
+        j = keep - 1
+        c = 0.0
+        for i in range(keep):
+            c += work[p + i]
+            if c > target:
+                j = i
+                break
+        pick = int(work[o + j])
+    return pick
+
+
+@cuda.jit(cache=True)
+def _sample_rows_kernel(logits, temperature, top_k, top_p, u, work, out):
+    # work (B*2V,) float64: per row, _draw's ids and probabilities.
+    B, V = logits.shape
+    for b in range(cuda.blockIdx.x, B, cuda.gridDim.x):  # one block per row
+        pick = _draw(logits[b], temperature, top_k, top_p, u[b], work, b * 2 * V)
+        if cuda.threadIdx.x == 0:
+            out[b] = pick
 
 
 def sample_rows(logits, temperature, top_k, top_p, u, out):
