@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.installed-stamp
 # Tests run CUDA kernels under numba's simulator (set before numba is imported).
 SIM    := NUMBA_ENABLE_CUDASIM=1
 
-.PHONY: install names sample test test-gpu bench bench-gpu lint corpora names-model train-names clean
+.PHONY: install names sample test test-gpu bench bench-gpu lint corpora names-model train-names \
+        train-shakespeare shakespeare-model train-wiki clean
 
 install: $(STAMP)
 
@@ -60,6 +61,31 @@ train-names: $(STAMP)
 	  --warmup 200 --steps 12000 --eval-every 500 --val-frac 0.05 --test-count 1000 --split-seed 3407 \
 	  --seed 1337 --out checkpoints/runs/makemore-names
 	$(BIN)/charrnn eval -c checkpoints/runs/makemore-names --split test
+
+# Quality benchmark on tiny Shakespeare (first 90% train, last 10% validation, as nanoGPT),
+# and the default model of `charrnn sample`: the best checkpoint by validation loss,
+# exported in float16. checkpoints/README.md records the run.
+SHAKESPEARE_RUN := checkpoints/runs/shakespeare-3x512
+
+train-shakespeare: $(STAMP)
+	$(BIN)/charrnn train ../shared/corpora/tinyshakespeare.txt --layers 3 --hidden 512 --embed 64 \
+	  --dropout 0.35 --rec-dropout 0.1 --weight-decay 0.1 --batch-size 64 --seq-len 100 --lr 2e-3 \
+	  --warmup 200 --steps 2200 --eval-every 100 --val-frac 0.1 --seed 1337 --out $(SHAKESPEARE_RUN)
+	$(BIN)/charrnn eval -c $(SHAKESPEARE_RUN) --split val
+
+shakespeare-model: train-shakespeare
+	$(BIN)/charrnn export $(SHAKESPEARE_RUN) checkpoints/shakespeare/model.safetensors
+	$(BIN)/charrnn eval -c checkpoints/shakespeare/model.safetensors --split val
+
+# Bits per byte on the Wikipedia XML sample (last 10% validation), with samples.
+WIKI_RUN := checkpoints/runs/enwiki-2x512
+
+train-wiki: $(STAMP)
+	$(BIN)/charrnn train ../shared/corpora/enwiki_sample.txt --encoding bytes --layers 2 --hidden 512 \
+	  --embed 64 --dropout 0.1 --weight-decay 0.05 --batch-size 64 --seq-len 100 --lr 2e-3 \
+	  --warmup 100 --steps 1100 --eval-every 100 --eval-max-chars 200000 --val-frac 0.1 --seed 1337 \
+	  --out $(WIKI_RUN)
+	$(BIN)/charrnn eval -c $(WIKI_RUN) --split val
 
 clean:
 	rm -rf $(VENV) build *.egg-info
