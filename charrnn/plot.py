@@ -94,8 +94,11 @@ def loss_svg(runs: list[Curves], title: str = "", target: float | None = None,
         if y_max <= y_lo:
             raise ValueError(f"--y-max {y_max} is below every loss (lowest {y_lo:.4f})")
         y_hi = min(y_hi, y_max)
-    xt, yt = nice_ticks(0, x_hi), nice_ticks(y_lo, y_hi)
-    x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
+    yt = nice_ticks(y_lo, y_hi)
+    # The step axis ends at the last step (a round end tick could add half a chart of
+    # nothing); the loss axis at round values around the data.
+    xt = [t for t in nice_ticks(0, x_hi) if t <= x_hi]
+    x0, x1, y0, y1 = 0.0, float(max(x_hi, 1)), yt[0], yt[-1]
     L, R, T, B = MARGIN["left"], WIDTH - MARGIN["right"], MARGIN["top"], HEIGHT - MARGIN["bottom"]
     sx = lambda s: L + (s - x0) / (x1 - x0) * (R - L)
     sy = lambda v: B - (v - y0) / (y1 - y0) * (B - T)  # above y1 (--y-max): clipped away
