@@ -115,7 +115,8 @@ def sample_fn(w: Workload, device: str):
 
     def step(k: int) -> int:
         seed[0] += 1
-        cfg = SampleConfig(length=k * SAMPLE_CHUNK, temperature=SAMPLE_TEMPERATURE, seed=seed[0])
+        cfg = SampleConfig(length=k * SAMPLE_CHUNK, temperature=SAMPLE_TEMPERATURE, seed=seed[0],
+                           half=w.half)
         return sum(len(piece) for piece in generate(model, vocab, cfg))
 
     return step

@@ -51,6 +51,7 @@ class Workload:
     vocab: int = 65  # V
     impls: tuple[str, ...] = (CHARRNN, TORCH)
     gpu: bool = False  # runs on get_backend("cuda") and torch's cuda device
+    half: bool = False  # sampling rows: float16 weight matrices (`charrnn sample --half`)
     source: str = ""  # rss rows: the training row whose worker processes they read
     issue_torch: str = ""  # PyTorch 2.13 CPU as measured by the issue's author
 
@@ -71,6 +72,9 @@ CPU_WORKLOADS = (
     Workload("sample-3x512", "sample 3x512, batch 1, temp 0.8", "sample", "chars/s",
              Goal("abs_min", 4000, ">=4,000 chars/s"), 3, 512,
              impls=(CHARRNN, TORCH, TORCH_NODNNL), issue_torch="102 / 618"),
+    Workload("sample-3x512-half", "sample 3x512, batch 1, temp 0.8, float16 weights", "sample",
+             "chars/s", Goal("abs_min", 4000, ">=4,000 chars/s"), 3, 512, impls=(CHARRNN,),
+             half=True),
     Workload("sample-2x128", "sample 2x128, batch 1, temp 0.8", "sample", "chars/s",
              Goal("abs_min", 50000, ">=50,000 chars/s"), 2, 128,
              impls=(CHARRNN, TORCH, TORCH_NODNNL), issue_torch="2,516 / 3,925"),
@@ -83,12 +87,12 @@ CPU_WORKLOADS = (
              Goal("abs_max", 5.0, "<=5 s"), impls=(CHARRNN,)),
 )
 
-# --gpu: charrnn's CUDA backend against torch on cuda (cuDNN). The issue sets no goals here.
+# --gpu: charrnn's CUDA backend against torch on cuda (cuDNN), with the GPU issue's goals.
 GPU_WORKLOADS = (
     Workload("gpu-train-3x512", "train 3x512 LSTM, B=64, T=100", "train", "chars/s",
-             None, 3, 512, 64, 100, gpu=True),
+             Goal("ratio_min", 1.0, ">=1.0x cuDNN"), 3, 512, 64, 100, gpu=True),
     Workload("gpu-sample-3x512", "sample 3x512, batch 1, temp 0.8", "sample", "chars/s",
-             None, 3, 512, gpu=True),
+             Goal("abs_min", 20000, ">=20,000 chars/s"), 3, 512, gpu=True),
     Workload("gpu-sample-2x128", "sample 2x128, batch 1, temp 0.8", "sample", "chars/s",
              None, 2, 128, gpu=True),
     Workload("gpu-names-1000", "1000 names, 2x128, <=16 steps", "names", "names/s",
