@@ -114,7 +114,7 @@ class SampleConfig:
     prime: str = ""  # text to condition on (echoed first)
     seed: int | None = None  # same seed, same text (None: fresh entropy)
     argmax: bool = False  # always take the most likely token (greedy)
-    # stream float16 weight matrices (CPU; about 1.5-2x faster on big models); None: when
+    # stream float16 weight matrices (CPU; ~1.5x faster at 3x512); None: when
     # the checkpoint stores float16 (the same values, so the same text, in half the bytes)
     half: bool | None = False
 
