@@ -152,13 +152,18 @@ class HostBackend:
         dh0 = X.empty((B, H), dt)
         dc = X.zeros((B, H), dt) if cell == "lstm" else None
         self._backward_steps(cache, dhs, w_hh, dxp, dhp, dh0, dc)
-        # Weight gradients: one GEMM over the whole window.
+        # Weight gradients: one GEMM over the window (two without a mask: step 0's input is
+        # h0, the others' are hs[:-1], read in place rather than copied into one (T,B,H)).
         dhp = dxp if dhp is None else dhp
-        hin = X.concatenate([cache.h0[None], hs[:-1]])  # (T,B,H) inputs of W_hh
-        if cache.hmask is not None:
-            hin *= cache.hmask
         dhp2 = dhp.reshape(T * B, GH)
-        dw_hh = dhp2.T @ hin.reshape(T * B, H)
+        if cache.hmask is None:
+            dw_hh = dhp[0].T @ cache.h0
+            if T > 1:
+                dw_hh += dhp2[B:].T @ hs[:-1].reshape((T - 1) * B, H)
+        else:
+            hin = X.concatenate([cache.h0[None], hs[:-1]])  # (T,B,H) inputs of W_hh
+            hin *= cache.hmask
+            dw_hh = dhp2.T @ hin.reshape(T * B, H)
         db_hh = dhp2.sum(axis=0)
         return dxp, dw_hh, db_hh, dh0, dc
 
