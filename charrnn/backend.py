@@ -46,8 +46,8 @@ class HostBackend:
     with CuPy) and a kernel module `k` (reference.py, cpu.py or cuda.py)."""
 
     xp = np
-    # Gate-width buffers serve twice: a window's input projections are overwritten by the
-    # activations, and those by their gradients in the backward (the step kernels allow it),
+    # One gate-width buffer serves three arrays: a window's input projections are overwritten
+    # by the activations, and those by their gradients in the backward (the step kernels allow it),
     # so training holds one (T,B,G*H) array a layer, not three. The CUDA kernels have not
     # been checked for it, so CudaBackend turns it off.
     reuse_gate_buffers = True
@@ -116,7 +116,7 @@ class HostBackend:
         T, B, GH = xp.shape
         hp = X.empty((B, GH), xp.dtype)  # recurrent product, reused every step
         hin = X.empty_like(h0)  # masked h fed to W_hh
-        # A contiguous W_hh.T: OpenBLAS's (64,128)@(128,512) runs 64 vs 78 us than with the
+        # A contiguous W_hh.T: OpenBLAS runs (64,128)@(128,512) in 64 us against 78 with the
         # transposed view; the copy costs one pass over W_hh per window.
         w_t = X.ascontiguousarray(w_hh.T)
         h_prev, c_prev = h0, c0

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from charrnn.model import State
+
 
 @dataclass
 class NameFilter:
@@ -52,8 +54,8 @@ def _round(model, vocab, prefix: np.ndarray, B: int, steps: int, temperature, to
     ctx = np.concatenate([[eos], prefix]).astype(np.int64)
     logits, state, _ = model.forward(ctx[:, None], model.zero_state(1), table=table)
     last = np.repeat(be.to_numpy(logits[-1]), B, axis=0)  # (B,V): the same row B times
-    state = type(state)(xp.repeat(state.h, B, axis=1),
-                        None if state.c is None else xp.repeat(state.c, B, axis=1))
+    state = State(xp.repeat(state.h, B, axis=1),
+                  None if state.c is None else xp.repeat(state.c, B, axis=1))
     out = np.zeros((B, steps + 1), np.int64)
     length = np.full(B, -1, np.int64)
     alive = np.arange(B)  # (A,) rows of out still sampling
@@ -69,7 +71,7 @@ def _round(model, vocab, prefix: np.ndarray, B: int, steps: int, temperature, to
         if not going.all():
             alive, ids = alive[going], ids[going]
             keep = xp.asarray(np.flatnonzero(going))
-            state = type(state)(state.h[:, keep], None if state.c is None else state.c[:, keep])
+            state = State(state.h[:, keep], None if state.c is None else state.c[:, keep])
         logits, state, _ = model.forward(ids[None, :], state, table=table)
         last = be.to_numpy(logits[0])
     return out, length

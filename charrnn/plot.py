@@ -132,9 +132,9 @@ def loss_svg(runs: list[Curves], title: str = "", target: float | None = None,
             if not pts_:
                 continue
             path = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for s, v in pts_)
-            dash = ' stroke-dasharray="1 0"' if kind == "val" else ' stroke-opacity="0.55"'
+            faint = ' stroke-opacity="0.55"' if kind == "train" else ""
             out.append(f'<polyline class="{kind}" clip-path="url(#frame)" fill="none" '
-                       f'stroke="{colour}" stroke-width="{width}"{dash} points="{path}"/>')
+                       f'stroke="{colour}" stroke-width="{width}"{faint} points="{path}"/>')
             if kind == "val":
                 out += [f'<circle cx="{sx(s):.1f}" cy="{sy(v):.1f}" r="2.5" fill="{colour}"/>'
                         for s, v in pts_ if v <= y1]

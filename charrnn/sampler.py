@@ -65,11 +65,28 @@ def _stacked_weights(model, xp):
     return w_ih, b_ih, w_hh, b_hh, p["decoder.weight"]
 
 
+def _generated(model, gen, table, weights, h, c, cur: int, rng, cfg: SampleConfig, top_k: int,
+               eos: int):
+    """Yield ids (n,) CHUNK at a time from `gen` (a kernel module's generate_ids), its
+    weights, h and c (updated in place between calls) on the backend's array module; the
+    uniforms go in and the ids come out per chunk."""
+    be, mc = model.backend, model.cfg
+    left = cfg.length
+    while left > 0:
+        n = min(CHUNK, left)
+        u = be.xp.asarray(rng.random(n))  # (n,)
+        out = be.xp.empty(n, np.int64)  # (n,)
+        gen(mc.cell, mc.residual, table, *weights, model.params["decoder.bias"], h, c, cur,
+            float(cfg.temperature), top_k, float(cfg.top_p), u, eos, out)
+        ids = be.to_numpy(out)
+        cur = int(ids[-1])
+        left -= n
+        yield ids
+
+
 def _fused_chunks(model, table, state, cur: int, rng, cfg: SampleConfig, top_k: int, eos: int,
                   half: bool):
-    """Yield ids (n,) CHUNK at a time from the kernels' generate_ids (host backends)."""
-    p, mc = model.params, model.cfg
-    dt = model.dtype
+    """Host backends: the kernel module's generate_ids, float16 weights if `half`."""
     w_ih, b_ih, w_hh, b_hh, dec_w = _stacked_weights(model, np)
     if half:
         w_ih, w_hh, dec_w = (_half(n, w) for n, w in (("rnn.weight_ih", w_ih),
@@ -77,42 +94,21 @@ def _fused_chunks(model, table, state, cur: int, rng, cfg: SampleConfig, top_k: 
                                                        ("decoder.weight", dec_w)))
     h = np.ascontiguousarray(state.h[:, 0])  # (L,H)
     # GRU and RNN have no cell state; the kernel leaves this placeholder alone.
-    c = np.ascontiguousarray(state.c[:, 0]) if state.c is not None else np.zeros((0, 0), dt)
-    left = cfg.length
-    while left > 0:
-        n = min(CHUNK, left)
-        u = rng.random(n)  # (n,)
-        out = np.empty(n, np.int64)  # (n,)
-        model.backend.k.generate_ids(mc.cell, mc.residual, table, w_ih, b_ih, w_hh, b_hh,
-                                     dec_w, p["decoder.bias"], h, c, cur,
-                                     float(cfg.temperature), top_k, float(cfg.top_p), u, eos, out)
-        cur = int(out[-1])
-        left -= n
-        yield out
+    c = (np.ascontiguousarray(state.c[:, 0]) if state.c is not None
+         else np.zeros((0, 0), model.dtype))
+    yield from _generated(model, model.backend.k.generate_ids, table,
+                          (w_ih, b_ih, w_hh, b_hh, dec_w), h, c, cur, rng, cfg, top_k, eos)
 
 
 def _device_chunks(model, table, state, cur: int, rng, cfg: SampleConfig, top_k: int, eos: int):
-    """Yield ids (n,) CHUNK at a time from cuda_generate.generate_ids (the CUDA backend):
-    weights and state stay on the device; per chunk the uniforms go in and the ids out."""
+    """The CUDA backend: cuda_generate.generate_ids, weights and state kept on the device."""
     from charrnn.kernels import cuda_generate
 
-    be, p, mc = model.backend, model.params, model.cfg
-    X = be.xp
-    w_ih, b_ih, w_hh, b_hh, dec_w = _stacked_weights(model, X)
+    X = model.backend.xp
     h = X.ascontiguousarray(state.h[:, 0])  # (L,H)
     c = X.ascontiguousarray(state.c[:, 0]) if state.c is not None else None  # (L,H) LSTM
-    left = cfg.length
-    while left > 0:
-        n = min(CHUNK, left)
-        u = X.asarray(rng.random(n))  # (n,)
-        out = X.empty(n, np.int64)  # (n,)
-        cuda_generate.generate_ids(mc.cell, mc.residual, table, w_ih, b_ih, w_hh, b_hh, dec_w,
-                                   p["decoder.bias"], h, c, cur, float(cfg.temperature), top_k,
-                                   float(cfg.top_p), u, eos, out)
-        ids = be.to_numpy(out)
-        cur = int(ids[-1])
-        left -= n
-        yield ids
+    yield from _generated(model, cuda_generate.generate_ids, table, _stacked_weights(model, X),
+                          h, c, cur, rng, cfg, top_k, eos)
 
 
 def _fits_device(model) -> bool:
