@@ -142,16 +142,21 @@ RESUMABLE = {"steps", "eval_every", "patience", "device"}
 @_device_option
 @click.option("--out", type=click.Path(), default=None, help="run directory (default: checkpoints/<corpus>)")
 @click.option("--resume", type=click.Path(), default=None, help="continue the run in this directory")
+@click.option("--init-from", type=click.Path(), default=None,
+              help="start a new run from this checkpoint's weights (fine-tuning): its architecture and "
+                   "vocabulary, a fresh optimizer and schedule")
 @click.pass_context
-def train(ctx, corpus, out, resume, **opts):
+def train(ctx, corpus, out, resume, init_from, **opts):
     """Train a model on CORPUS (one or more text files)."""
     from charrnn.trainer import TrainingDiverged
 
     given = {k for k in opts if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    if resume and init_from:
+        raise UserError("--resume continues a run, --init-from starts a new one from a checkpoint; pick one")
     if resume:
         trainer, run_dir = _resume(resume, corpus, opts, given)
     else:
-        trainer, run_dir = _new_run(corpus, out, opts)
+        trainer, run_dir = _new_run(corpus, out, opts, given, init_from)
     cfg = trainer.cfg
     err.print(f"run [bold]{run_dir}[/]: {trainer.model.cfg.cell} {trainer.model.cfg.layers}x{trainer.model.cfg.hidden}, "
               f"{trainer.model.num_params():,} parameters, vocab {len(trainer.data.vocab)}, "
@@ -200,7 +205,33 @@ def _fresh_dir(base: Path) -> Path:
     return candidate
 
 
-def _new_run(corpus, out, opts):
+# What --init-from takes from the checkpoint. The architecture and vocabulary must match its
+# weights; dropout and the corpus framing default to the checkpoint's but may be overridden.
+ARCHITECTURE = ("cell", "embed", "hidden", "layers", "residual")
+INHERITED = {"model": ("dropout", "rec_dropout"), "train": ("lines", "encoding")}
+
+
+def _init_source(init_from, opts, given):
+    """Load --init-from's checkpoint and fold its configuration into opts (in place)."""
+    from charrnn.runs import Loaded, resolve
+
+    loaded = Loaded(resolve(init_from, "run"), "reference")
+    src = loaded.model_cfg
+    for name in ARCHITECTURE:
+        mine = getattr(src, name)
+        if name in given and opts[name] != mine:
+            raise UserError(f"--{name.replace('_', '-')} {opts[name]} differs from the --init-from checkpoint's "
+                            f"{mine}; the architecture comes from the checkpoint (leave the option out)")
+        opts[name] = mine
+    for section, names in INHERITED.items():
+        cfg = src if section == "model" else loaded.train_cfg
+        for name in names:
+            if name not in given:
+                opts[name] = getattr(cfg, name)
+    return loaded
+
+
+def _new_run(corpus, out, opts, given=frozenset(), init_from=None):
     from charrnn.backend import get_backend
     from charrnn.dataset import build_dataset, detect_lines
     from charrnn.model import CharRNN
@@ -209,6 +240,7 @@ def _new_run(corpus, out, opts):
 
     if not corpus:
         raise UserError("no corpus given; usage: charrnn train CORPUS.txt [MORE.txt ...]")
+    init = _init_source(init_from, opts, given) if init_from else None
     mcfg, tcfg = _configs(opts)
     tcfg.validate()
     for p in corpus:
@@ -219,7 +251,7 @@ def _new_run(corpus, out, opts):
         if tcfg.lines:
             err.print("detected a list of short lines: training one example per line (--no-lines to treat it as prose)")
     run_dir = Path(out) if out else _fresh_dir(Path("checkpoints") / Path(corpus[0]).stem)
-    data = build_dataset(corpus, tcfg, cache=run_dir / "corpus.ids")
+    data = build_dataset(corpus, tcfg, vocab=init.vocab if init else None, cache=run_dir / "corpus.ids")
     mcfg.vocab_size = len(data.vocab)
     mcfg.validate()
     backend = get_backend(_backend_name(tcfg.device))
@@ -228,8 +260,13 @@ def _new_run(corpus, out, opts):
         if tcfg.lines:  # a batch holds B lines, not B*T characters
             per_epoch = math.ceil(len(data.train) / tcfg.batch_size)
         tcfg.steps = max(1, math.ceil(tcfg.epochs * per_epoch))
-    model = CharRNN(mcfg, backend=backend, seed=tcfg.seed)
+    params = init.model.host_params() if init else None  # float32 even from a float16 export
+    model = CharRNN(mcfg, params=params, backend=backend, seed=tcfg.seed)
     meta = run_meta(mcfg, data, shlex.join(["charrnn", *Group.argv]))
+    if init:
+        from charrnn.data import fingerprint
+
+        meta["init_from"] = {"path": str(init.path.resolve()), "fingerprint": fingerprint([init.path])}
     return Trainer(model, data, tcfg, run_dir, meta), run_dir
 
 
