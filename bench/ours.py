@@ -90,7 +90,8 @@ def train_step_fn(w: Workload, device: str):
         # are freed on return, not kept alive into the next step's forward.
         ids = pool[carry["i"] % BATCH_POOL]
         carry["i"] += 1
-        logits, new_state, cache = model.forward(ids[:-1], carry["state"], train=True, rng=rng)
+        logits, new_state, cache = model.forward(ids[:-1], carry["state"], train=True, rng=rng,
+                                                 recompute=w.recompute)
         loss, dlogits, _ = model.loss(logits, ids[1:], None)
         grads = model.backward(cache, dlogits)
         norm = clip_grad_norm(grads, GRAD_CLIP, be.k)

@@ -65,6 +65,7 @@ def measure_workers(rows, quick: bool, results: dict) -> None:
     have_torch = importlib.util.find_spec("torch") is not None
     need = [w.name for w in rows if w.kind in ("train", "sample", "names")]
     need += [w.source for w in rows if w.kind == "rss" and w.source not in need]
+    need += [ALL[n].torch_from for n in need if ALL[n].torch_from and ALL[n].torch_from not in need]
     jobs = [(ALL[n], impl) for n in need for impl in ALL[n].impls]
     for i, (w, impl) in enumerate(jobs, 1):
         if impl != CHARRNN and not have_torch:
@@ -76,6 +77,10 @@ def measure_workers(rows, quick: bool, results: dict) -> None:
         results.setdefault(w.name, {})[impl] = cell
         log(f"      {report.cell_text(cell, w.unit)} {w.unit}, peak RSS "
             f"{cell.rss_mib or 0:,.0f} MiB, {time.perf_counter() - t0:.1f} s")
+    for n in need:  # rows that show another row's torch cells
+        if ALL[n].torch_from:
+            theirs = results.get(ALL[n].torch_from, {})
+            results[n].update({i: c for i, c in theirs.items() if i != CHARRNN})
 
 
 def rss_rows(rows, results: dict) -> None:

@@ -40,6 +40,16 @@ class LayerCache:
     cs: np.ndarray | None  # (T,B,H) cell states (LSTM)
     hn: np.ndarray | None  # (T,B,H) W_hn h + b_hn (GRU)
 
+    def drop_gates(self):
+        """Forget what recompute_gates can rebuild (activations, cell states, GRU's hn): a
+        layer's backward then first reruns its forward steps. hs stays: it is the next
+        layer's input and the recurrence's."""
+        self.act = self.cs = self.hn = None
+
+    @property
+    def gates_dropped(self) -> bool:
+        return self.cell != "rnn" and self.act is None
+
 
 class HostBackend:
     """The per-step design over an array module `xp` (numpy here; CudaBackend subclasses it
@@ -95,20 +105,34 @@ class HostBackend:
         """xp (T,B,G*H) input projections (b_ih included); w_hh (G*H,H); b_hh (G*H,);
         h0, c0 (B,H); hmask (B,H) or None -> hs (T,B,H), final h (B,H), final c, cache.
         With reuse_gate_buffers, xp is overwritten (by the activations the cache keeps)."""
-        X = self.xp
-        T, B, GH = xp.shape
-        H = h0.shape[1]
-        dt = xp.dtype
-        xp = X.ascontiguousarray(xp)
-        hs = X.empty((T, B, H), dt)
-        act = None
-        if cell != "rnn":
-            act = xp if self.reuse_gate_buffers else X.empty((T, B, GH), dt)
-        cs = X.empty((T, B, H), dt) if cell == "lstm" else None
-        hn = X.empty((T, B, H), dt) if cell == "gru" else None
+        T, B, _ = xp.shape
+        xp = self.xp.ascontiguousarray(xp)
+        hs = self.xp.empty((T, B, h0.shape[1]), xp.dtype)
+        act, cs, hn = self._gate_buffers(cell, xp, h0.shape[1])
         self._forward_steps(cell, xp, w_hh, b_hh, h0, c0, hmask, hs, act, cs, hn)
         cache = LayerCache(cell, h0, c0, hmask, hs, act, cs, hn)
         return hs, hs[T - 1], (cs[T - 1] if cs is not None else None), cache
+
+    def recompute_gates(self, cache: LayerCache, xp, w_hh, b_hh):
+        """Refill a cache whose gates were dropped (LayerCache.drop_gates) by rerunning the
+        window's steps on the same inputs: xp (T,B,G*H) the layer's input projections again.
+        The same kernels on the same operands give bit-identical activations (tested); hs is
+        rewritten with the values it already holds."""
+        xp = self.xp.ascontiguousarray(xp)
+        cache.act, cache.cs, cache.hn = self._gate_buffers(cache.cell, xp, cache.hs.shape[2])
+        self._forward_steps(cache.cell, xp, w_hh, b_hh, cache.h0, cache.c0, cache.hmask, cache.hs,
+                            cache.act, cache.cs, cache.hn)
+
+    def _gate_buffers(self, cell, xp, H):
+        """Where a window's forward writes: act (T,B,G*H) (xp itself when reusing), cs and hn (T,B,H)."""
+        X = self.xp
+        T, B, GH = xp.shape
+        act = None
+        if cell != "rnn":
+            act = xp if self.reuse_gate_buffers else X.empty((T, B, GH), xp.dtype)
+        cs = X.empty((T, B, H), xp.dtype) if cell == "lstm" else None
+        hn = X.empty((T, B, H), xp.dtype) if cell == "gru" else None
+        return act, cs, hn
 
     def _forward_steps(self, cell, xp, w_hh, b_hh, h0, c0, hmask, hs, act, cs, hn):
         """Per step one GEMM for the recurrent product, one fused kernel for all gates."""

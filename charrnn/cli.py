@@ -103,7 +103,7 @@ def _out(text: str):
 
 # ---------------------------------------------------------------------------------- train
 # Options that may change when a run is resumed; everything else is fixed by the run.
-RESUMABLE = {"steps", "eval_every", "patience", "device"}
+RESUMABLE = {"steps", "eval_every", "patience", "device", "recompute"}
 
 
 @main.command()
@@ -140,6 +140,9 @@ RESUMABLE = {"steps", "eval_every", "patience", "device"}
 @click.option("--encoding", default=TrainConfig.encoding, show_default=True, help="text encoding, or 'bytes'")
 @click.option("--max-vocab", type=int, default=TrainConfig.max_vocab, help="keep the N most frequent characters")
 @_device_option
+@click.option("--recompute", type=int, default=TrainConfig.recompute, show_default=True,
+              help="recompute the gates of the N lowest layers in the backward instead of keeping them: "
+                   "less memory, more time, the same gradients")
 @click.option("--out", type=click.Path(), default=None, help="run directory (default: checkpoints/<corpus>)")
 @click.option("--resume", type=click.Path(), default=None, help="continue the run in this directory")
 @click.option("--init-from", type=click.Path(), default=None,
@@ -279,7 +282,7 @@ def _resume(resume, corpus, opts, given):
     fixed = sorted(given - RESUMABLE)
     if fixed:
         raise UserError(f"--{fixed[0].replace('_', '-')} cannot change when resuming; "
-                        f"only --steps, --eval-every, --patience and --device can")
+                        f"only --steps, --eval-every, --patience, --device and --recompute can")
     run_dir = Path(resume)
     if not run_dir.is_dir():
         raise UserError(f"no run directory at {run_dir}; pass the directory given by `charrnn train`")

@@ -82,11 +82,12 @@ class TrainConfig:
     encoding: str = "utf-8"  # corpus text encoding, or "bytes" to model raw bytes
     max_vocab: int = 0  # keep the most frequent characters, map the rest to <unk> (0: all)
     device: str = "auto"  # auto | cpu (numba) | numpy | cuda
+    recompute: int = 0  # lowest layers whose gates the backward recomputes: less memory, more time, same result
 
     def validate(self) -> TrainConfig:
         for name in ("batch_size", "seq_len", "steps", "eval_every", "decay_every"):
             _check_positive(name, getattr(self, name))
-        for name in ("warmup", "patience", "test_count", "max_vocab", "eval_max_chars"):
+        for name in ("warmup", "patience", "test_count", "max_vocab", "eval_max_chars", "recompute"):
             _check_positive(name, getattr(self, name), allow_zero=True)
         _check_positive("lr", self.lr)
         _check_positive("epochs", self.epochs, allow_zero=True)

@@ -127,13 +127,25 @@ class CharRNN:
         p = self.params
         return p["encoder.weight"] @ p["rnn.weight_ih_l0"].T + p["rnn.bias_ih_l0"]
 
-    def forward(self, ids, state: State, train: bool = False, rng=None, table=None):
+    def _input_projection(self, k: int, x, flat_ids, table, T: int, B: int):
+        """Layer k's input projections for the window, b_ih included: (T,B,G*H)."""
+        p, be = self.params, self.backend
+        GH = self.cfg.gates * self.cfg.hidden
+        if k == 0:
+            return be.gather_rows(table, flat_ids).reshape(T, B, GH)
+        xp = (x.reshape(T * B, -1) @ p[f"rnn.weight_ih_l{k}"].T).reshape(T, B, GH)
+        xp += p[f"rnn.bias_ih_l{k}"]  # in place: no second (T,B,G*H) array
+        return xp
+
+    def forward(self, ids, state: State, train: bool = False, rng=None, table=None, recompute: int = 0):
         """ids (T,B) int; state -> logits (T,B,V), final State, cache for backward.
-        train=True applies dropout (drawn from `rng`, a numpy Generator)."""
+        train=True applies dropout (drawn from `rng`, a numpy Generator). recompute=N keeps
+        only the hidden states of the N lowest layers; backward reruns their steps, which
+        gives the same gradients, bit for bit, from about a third of those layers' memory."""
         self._check_inputs(ids, state)
         cfg, p, be = self.cfg, self.params, self.backend
         T, B = ids.shape
-        H, GH, L = cfg.hidden, cfg.gates * cfg.hidden, cfg.layers
+        H, L = cfg.hidden, cfg.layers
         drop = train and cfg.dropout > 0
         rec_drop = train and cfg.rec_dropout > 0
         if (drop or rec_drop) and rng is None:
@@ -144,17 +156,18 @@ class CharRNN:
         x = None  # (T,B,H) input of the current layer (layers >= 1)
         layers, h_out, c_out = [], [], []
         for k in range(L):
-            if k == 0:
-                xp = be.gather_rows(table, flat_ids).reshape(T, B, GH)
-            else:
-                xp = (x.reshape(T * B, H) @ p[f"rnn.weight_ih_l{k}"].T).reshape(T, B, GH)
-                xp += p[f"rnn.bias_ih_l{k}"]  # in place: no second (T,B,G*H) array
+            xp = self._input_projection(k, x, flat_ids, table, T, B)
             hmask = be.asarray(_dropout_mask(rng, (B, H), cfg.rec_dropout, self.dtype)) if rec_drop else None
             c0 = state.c[k] if state.c is not None else None
             hs, hT, cT, lc = be.layer_forward(cfg.cell, xp, p[f"rnn.weight_hh_l{k}"], p[f"rnn.bias_hh_l{k}"],
                                               state.h[k], c0, hmask)
+            del xp  # the cache owns it now (as the activations, when the backend reuses buffers)
             h_out.append(hT)
             c_out.append(cT)
+            if k < recompute:
+                if cT is not None:
+                    c_out[-1] = cT.copy()  # the view would keep all of cs alive to the end
+                lc.drop_gates()
             y = hs + x if (cfg.residual and k > 0) else hs  # (T,B,H)
             dmask = be.asarray(_dropout_mask(rng, (T, B, H), cfg.dropout, self.dtype)) if drop else None
             layers.append((x, lc, dmask))
@@ -162,7 +175,7 @@ class CharRNN:
         logits = x.reshape(T * B, H) @ p["decoder.weight"].T + p["decoder.bias"]  # (N,V)
         xpm = be.xp
         new_state = State(xpm.stack(h_out), xpm.stack(c_out) if cfg.cell == "lstm" else None)
-        cache = {"ids": flat_ids, "T": T, "B": B, "top": x, "layers": layers}
+        cache = {"ids": flat_ids, "T": T, "B": B, "top": x, "layers": layers, "table": table}
         return logits.reshape(T, B, cfg.vocab_size), new_state, cache
 
     # -- loss -----------------------------------------------------------------------
@@ -194,14 +207,19 @@ class CharRNN:
         T, B = cache["T"], cache["B"]
         H, V = cfg.hidden, cfg.vocab_size
         dl = dlogits.reshape(T * B, V)
-        top = cache["top"].reshape(T * B, H)
+        top = cache.pop("top").reshape(T * B, H)
         g = {"decoder.weight": dl.T @ top, "decoder.bias": dl.sum(axis=0)}
+        del top  # (with dropout, an array of its own)
         dy = (dl @ p["decoder.weight"]).reshape(T, B, H)  # dL/d(output of the top layer)
         for k in range(cfg.layers - 1, -1, -1):
             x, lc, dmask = cache["layers"][k]
             cache["layers"][k] = None
             if dmask is not None:
                 dy = dy * dmask
+            if lc.gates_dropped:
+                xp = self._input_projection(k, x, cache["ids"], cache["table"], T, B)
+                be.recompute_gates(lc, xp, p[f"rnn.weight_hh_l{k}"], p[f"rnn.bias_hh_l{k}"])
+                del xp  # lc holds it now (as the activations, when the backend reuses buffers)
             dxp, dw_hh, db_hh, _, _ = be.layer_backward(lc, dy, p[f"rnn.weight_hh_l{k}"])
             del lc
             g[f"rnn.weight_hh_l{k}"] = dw_hh
@@ -210,7 +228,8 @@ class CharRNN:
             dxp2 = dxp.reshape(T * B, GH)
             if k > 0:
                 g[f"rnn.weight_ih_l{k}"] = dxp2.T @ x.reshape(T * B, H)
-                g[f"rnn.bias_ih_l{k}"] = dxp2.sum(axis=0)
+                # LSTM and RNN: both biases sit in the same sum, so their gradients are equal
+                g[f"rnn.bias_ih_l{k}"] = dxp2.sum(axis=0) if cfg.cell == "gru" else db_hh.copy()
                 dx = (dxp2 @ p[f"rnn.weight_ih_l{k}"]).reshape(T, B, H)
                 dy = dx + dy if cfg.residual else dx  # residual: y = h + x
             else:
@@ -218,6 +237,7 @@ class CharRNN:
                 g["encoder.weight"] = dtable @ p["rnn.weight_ih_l0"]
                 g["rnn.weight_ih_l0"] = dtable.T @ p["encoder.weight"]
                 g["rnn.bias_ih_l0"] = dtable.sum(axis=0)
+            del dxp, dxp2, x  # before the layer below allocates its own
         return {n: g[n] for n in p}
 
     # -- conveniences -----------------------------------------------------------------

@@ -53,6 +53,9 @@ def seen_tensor(seen: list[str]) -> np.ndarray:
 class Trainer:
     def __init__(self, model: CharRNN, data: Dataset, cfg, run_dir, meta: dict, callback=None):
         self.model, self.data, self.cfg = model, data, cfg
+        if cfg.recompute >= model.cfg.layers:
+            raise ValueError(f"recompute must be below the number of layers ({model.cfg.layers}): the top "
+                             f"layer's backward runs first, so recomputing it saves no memory")
         self.run_dir = Path(run_dir)
         self.meta = meta  # model/vocab/corpus description written into every checkpoint
         self.callback = callback or (lambda event: None)
@@ -153,7 +156,8 @@ class Trainer:
         B = batch.x.shape[1]
         if batch.reset or self.state is None or self.state.h.shape[1] != B:
             self.state = model.zero_state(B)
-        logits, new_state, cache = model.forward(batch.x, self.state, train=True, rng=self.rng)
+        logits, new_state, cache = model.forward(batch.x, self.state, train=True, rng=self.rng,
+                                                recompute=self.cfg.recompute)
         loss, dlogits, n = model.loss(logits, batch.y, batch.mask)
         grads = model.backward(cache, dlogits)
         norm = clip_grad_norm(grads, self.cfg.grad_clip, self.kernels)
