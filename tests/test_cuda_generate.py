@@ -16,20 +16,13 @@ the gaps between cumulative probabilities that would flip a draw).
 Dimension letters: L=layers, H=hidden, G=gate blocks, V=vocab, n=steps.
 """
 
-import os
 import sys
 
+import cuda_target
 import numpy as np
 import pytest
 
-pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (pip install numba-cuda)")
-
-from charrnn.backend import cuda_usable
-
-SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-if not SIM and not cuda_usable():
-    pytest.skip("no CUDA GPU and NUMBA_ENABLE_CUDASIM is not 1 (run `make test`, which sets it)",
-                allow_module_level=True)
+SIM = cuda_target.require()
 
 from numba import cuda
 

@@ -14,22 +14,15 @@ several blocks.
 Dimension letters: T=time, B=batch, H=hidden, G=gate blocks, V=vocab, N=rows, D=columns.
 """
 
-import os
-
+import cuda_target
 import numpy as np
 import pytest
 
-pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (pip install numba-cuda)")
-
-from charrnn.backend import HostBackend, cuda_usable
-
-SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-if not SIM and not cuda_usable():
-    pytest.skip("no CUDA GPU and NUMBA_ENABLE_CUDASIM is not 1 (run `make test`, which sets it)",
-                allow_module_level=True)
+SIM = cuda_target.require()
 
 from numba import cuda
 
+from charrnn.backend import HostBackend
 from charrnn.config import GATES, ModelConfig
 from charrnn.cuda_backend import CudaBackend
 from charrnn.kernels import cuda as ck
