@@ -24,6 +24,7 @@ from charrnn import __version__
 from charrnn.checkpoint import CheckpointError
 from charrnn.config import ModelConfig, SampleConfig, TrainConfig
 from charrnn.data import CorpusError
+from charrnn.dynamic_eval import DYN_CLIP, DYN_DECAY, DYN_LR, DYN_SEQ_LEN
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 LN2 = math.log(2)
@@ -394,15 +395,34 @@ def names(ckpt, count, temp, top_k, top_p, seed, min_len, max_len, start, contai
 @click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True,
               help="without FILE: which split of the run's corpus")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--seq-len", type=int, default=100, show_default=True)
+@click.option("--seq-len", type=int, default=None,
+              help=f"characters per window  [default: 100; {DYN_SEQ_LEN} for the --dynamic pass]")
+@click.option("--dynamic", is_flag=True,
+              help="also report dynamic evaluation: the model takes a gradient step on each window "
+                   "after scoring it (Krause et al. 2018); reported apart from the static loss")
+@click.option("--dyn-lr", type=float, default=DYN_LR, show_default=True,
+              help="--dynamic: step size on each window's mean loss")
+@click.option("--dyn-decay", type=float, default=DYN_DECAY, show_default=True,
+              help="--dynamic: pull back towards the trained weights per step")
+@click.option("--dyn-clip", type=float, default=DYN_CLIP, show_default=True,
+              help="--dynamic: global-norm clip of each window's gradient (0: off)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
 @_device_option
-def eval_cmd(ckpt, file, split, batch_size, seq_len, as_json, device):
+@click.pass_context
+def eval_cmd(ctx, ckpt, file, split, batch_size, seq_len, dynamic, dyn_lr, dyn_decay, dyn_clip, as_json, device):
     """Loss in nats/char and bits/char on FILE, or on the run's validation/test split."""
     from charrnn.dataset import build_dataset
+    from charrnn.dynamic_eval import evaluate_dynamic
     from charrnn.evaluate import evaluate_lines, evaluate_stream
 
+    given = [f"--{k.replace('_', '-')}" for k in ("dyn_lr", "dyn_decay", "dyn_clip")
+             if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
+    if given and not dynamic:
+        raise UserError(f"{given[0]} only applies with --dynamic")
     run = _load(ckpt, device, "run")
+    if dynamic and run.lines:
+        raise UserError(f"{run.path} is a lines (names) model: every line starts from a fresh state, "
+                        "so there is no running text for --dynamic to adapt to; use a prose model")
     cfg = run.train_cfg
     if file:
         cfg.val_frac, cfg.test_frac, cfg.test_count = 0.0, 0.0, 0
@@ -414,16 +434,34 @@ def eval_cmd(ckpt, file, split, batch_size, seq_len, as_json, device):
             raise UserError(f"the run's corpus ({', '.join(paths) or 'unknown'}) is not available; pass FILE")
         data = build_dataset(paths, cfg, vocab=run.vocab)
         ids, source = getattr(data, split), f"{split} split of {', '.join(paths)}"
+    dyn = None
+    if dynamic:  # first, so that bad --dyn-* values fail before the static pass
+        opts = {"seq_len": DYN_SEQ_LEN if seq_len is None else seq_len, "lr": dyn_lr, "decay": dyn_decay,
+                "max_norm": dyn_clip}
+        if err.is_terminal:
+            err.print(f"dynamic evaluation: {len(ids) - 1:,} characters at batch 1, one update per "
+                      f"{opts['seq_len']} characters...")
+        dloss, dn = evaluate_dynamic(run.model, ids, **opts)
+        dyn = {"nats_per_char": dloss, "bits_per_char": dloss / LN2, "tokens": dn, **opts}
     if run.lines:
         loss, n = evaluate_lines(run.model, ids, run.vocab.eos_id)
     else:
-        loss, n = evaluate_stream(run.model, ids, batch_size, seq_len)
+        loss, n = evaluate_stream(run.model, ids, batch_size, 100 if seq_len is None else seq_len)
     result = {"checkpoint": str(run.path), "source": source, "nats_per_char": loss, "bits_per_char": loss / LN2,
               "tokens": n}
+    if dyn is not None:
+        result["dynamic"] = dyn  # the top-level numbers stay the static ones
     if as_json:
         _out(json.dumps(result) + "\n")
-    else:
-        _out(f"{source}: {loss:.4f} nats/char, {loss / LN2:.4f} bits/char over {n:,} predicted tokens\n")
+        return
+    static = f"{source}: {loss:.4f} nats/char, {loss / LN2:.4f} bits/char over {n:,} predicted tokens"
+    if dyn is None:
+        _out(static + "\n")
+        return
+    _out(f"static: {static}\n"
+         "dynamic evaluation (adapts to the text as it reads it; not comparable with static numbers): "
+         f"{dyn['nats_per_char']:.4f} nats/char, {dyn['bits_per_char']:.4f} bits/char over {dn:,} predicted "
+         f"tokens (seq-len {dyn['seq_len']}, lr {dyn['lr']:g}, decay {dyn['decay']:g}, clip {dyn['max_norm']:g})\n")
 
 
 # ---------------------------------------------------------------------------------- score
