@@ -65,8 +65,9 @@ def measure_workers(rows, quick: bool, results: dict) -> None:
     have_torch = importlib.util.find_spec("torch") is not None
     need = [w.name for w in rows if w.kind in ("train", "sample", "names")]
     need += [w.source for w in rows if w.kind == "rss" and w.source not in need]
-    need += [ALL[n].torch_from for n in need if ALL[n].torch_from and ALL[n].torch_from not in need]
     jobs = [(ALL[n], impl) for n in need for impl in ALL[n].impls]
+    borrowed = {ALL[n].torch_from for n in need if ALL[n].torch_from} - set(need)  # their torch cells only
+    jobs += [(ALL[n], impl) for n in sorted(borrowed) for impl in ALL[n].impls if impl != CHARRNN]
     for i, (w, impl) in enumerate(jobs, 1):
         if impl != CHARRNN and not have_torch:
             results.setdefault(w.name, {})[impl] = Cell(note="n/a (no torch)")
@@ -78,7 +79,7 @@ def measure_workers(rows, quick: bool, results: dict) -> None:
         log(f"      {report.cell_text(cell, w.unit)} {w.unit}, peak RSS "
             f"{cell.rss_mib or 0:,.0f} MiB, {time.perf_counter() - t0:.1f} s")
     for n in need:  # rows that show another row's torch cells
-        if ALL[n].torch_from:
+        if ALL[n].torch_from and n in results:
             theirs = results.get(ALL[n].torch_from, {})
             results[n].update({i: c for i, c in theirs.items() if i != CHARRNN})
 

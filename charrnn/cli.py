@@ -142,13 +142,13 @@ RESUMABLE = {"steps", "eval_every", "patience", "device", "recompute"}
 @click.option("--max-vocab", type=int, default=TrainConfig.max_vocab, help="keep the N most frequent characters")
 @_device_option
 @click.option("--recompute", type=int, default=TrainConfig.recompute, show_default=True,
-              help="recompute the gates of the N lowest layers in the backward instead of keeping them: "
-                   "less memory, more time, the same gradients")
+              help="recompute the gates of the N lowest layers (N below --layers) in the backward instead "
+                   "of keeping them: less memory, more time, the same gradients; no effect on --cell rnn")
 @click.option("--out", type=click.Path(), default=None, help="run directory (default: checkpoints/<corpus>)")
 @click.option("--resume", type=click.Path(), default=None, help="continue the run in this directory")
 @click.option("--init-from", type=click.Path(), default=None,
               help="start a new run from this checkpoint's weights (fine-tuning): its architecture and "
-                   "vocabulary, a fresh optimizer and schedule")
+                   "vocabulary; its dropout and --lines/--encoding unless given; a fresh optimizer and schedule")
 @click.pass_context
 def train(ctx, corpus, out, resume, init_from, **opts):
     """Train a model on CORPUS (one or more text files)."""
@@ -217,9 +217,12 @@ INHERITED = {"model": ("dropout", "rec_dropout"), "train": ("lines", "encoding")
 
 def _init_source(init_from, opts, given):
     """Load --init-from's checkpoint and fold its configuration into opts (in place)."""
-    from charrnn.runs import Loaded, resolve
-
-    loaded = Loaded(resolve(init_from, "run"), "reference")
+    if "max_vocab" in given:
+        raise UserError("--max-vocab cannot be used with --init-from: the vocabulary comes from the checkpoint")
+    loaded = _load(init_from, "numpy", "run")
+    if opts["lines"] and loaded.vocab.eos_id is None:
+        raise UserError(f"{init_from} is a prose model: its vocabulary has no end token, so it cannot "
+                        "train on lines; leave --lines out")
     src = loaded.model_cfg
     for name in ARCHITECTURE:
         mine = getattr(src, name)
@@ -247,6 +250,7 @@ def _new_run(corpus, out, opts, given=frozenset(), init_from=None):
     init = _init_source(init_from, opts, given) if init_from else None
     mcfg, tcfg = _configs(opts)
     tcfg.validate()
+    _check_recompute(tcfg, mcfg)
     for p in corpus:
         if not Path(p).exists():
             raise UserError(f"corpus file not found: {p}")
@@ -271,7 +275,15 @@ def _new_run(corpus, out, opts, given=frozenset(), init_from=None):
         from charrnn.data import fingerprint
 
         meta["init_from"] = {"path": str(init.path.resolve()), "fingerprint": fingerprint([init.path])}
+        del init, params  # the source's tensors (optimizer moments too) are not needed any more
     return Trainer(model, data, tcfg, run_dir, meta), run_dir
+
+
+def _check_recompute(tcfg, mcfg):
+    """Before the corpus is read: a bad --recompute should not wait for a long encode."""
+    if tcfg.recompute and tcfg.recompute >= mcfg.layers:
+        raise UserError(f"--recompute must be below --layers ({mcfg.layers}): the top layer's backward "
+                        "runs first, so recomputing it saves no memory")
 
 
 def _resume(resume, corpus, opts, given):
@@ -294,6 +306,7 @@ def _resume(resume, corpus, opts, given):
     for k in given & RESUMABLE:
         setattr(tcfg, k, opts[k])
     tcfg.validate()
+    _check_recompute(tcfg, loaded.model_cfg)
     paths = list(corpus) or loaded.meta["corpus"]["paths"]
     data = build_dataset(paths, tcfg, vocab=loaded.vocab, cache=run_dir / "corpus.ids")
     if data.fingerprint != loaded.meta["corpus"]["fingerprint"]:
@@ -394,8 +407,8 @@ def names(ckpt, count, temp, top_k, top_p, seed, min_len, max_len, start, contai
 @click.argument("file", required=False, type=click.Path())
 @click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True,
               help="without FILE: which split of the run's corpus")
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--seq-len", type=int, default=None,
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=1), default=None,
               help=f"characters per window  [default: 100; {DYN_SEQ_LEN} for the --dynamic pass]")
 @click.option("--dynamic", is_flag=True,
               help="also report dynamic evaluation: the model takes a gradient step on each window "
@@ -412,13 +425,17 @@ def names(ckpt, count, temp, top_k, top_p, seed, min_len, max_len, start, contai
 def eval_cmd(ctx, ckpt, file, split, batch_size, seq_len, dynamic, dyn_lr, dyn_decay, dyn_clip, as_json, device):
     """Loss in nats/char and bits/char on FILE, or on the run's validation/test split."""
     from charrnn.dataset import build_dataset
-    from charrnn.dynamic_eval import evaluate_dynamic
+    from charrnn.dynamic_eval import check_options, evaluate_dynamic
     from charrnn.evaluate import evaluate_lines, evaluate_stream
 
     given = [f"--{k.replace('_', '-')}" for k in ("dyn_lr", "dyn_decay", "dyn_clip")
              if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
     if given and not dynamic:
         raise UserError(f"{given[0]} only applies with --dynamic")
+    dyn_opts = {"seq_len": DYN_SEQ_LEN if seq_len is None else seq_len, "lr": dyn_lr, "decay": dyn_decay,
+                "max_norm": dyn_clip}
+    if dynamic:
+        check_options(**dyn_opts)  # before minutes of static evaluation, not after
     run = _load(ckpt, device, "run")
     if dynamic and run.lines:
         raise UserError(f"{run.path} is a lines (names) model: every line starts from a fresh state, "
@@ -434,19 +451,17 @@ def eval_cmd(ctx, ckpt, file, split, batch_size, seq_len, dynamic, dyn_lr, dyn_d
             raise UserError(f"the run's corpus ({', '.join(paths) or 'unknown'}) is not available; pass FILE")
         data = build_dataset(paths, cfg, vocab=run.vocab)
         ids, source = getattr(data, split), f"{split} split of {', '.join(paths)}"
-    dyn = None
-    if dynamic:  # first, so that bad --dyn-* values fail before the static pass
-        opts = {"seq_len": DYN_SEQ_LEN if seq_len is None else seq_len, "lr": dyn_lr, "decay": dyn_decay,
-                "max_norm": dyn_clip}
-        if err.is_terminal:
-            err.print(f"dynamic evaluation: {len(ids) - 1:,} characters at batch 1, one update per "
-                      f"{opts['seq_len']} characters...")
-        dloss, dn = evaluate_dynamic(run.model, ids, **opts)
-        dyn = {"nats_per_char": dloss, "bits_per_char": dloss / LN2, "tokens": dn, **opts}
     if run.lines:
         loss, n = evaluate_lines(run.model, ids, run.vocab.eos_id)
     else:
         loss, n = evaluate_stream(run.model, ids, batch_size, 100 if seq_len is None else seq_len)
+    dyn = None
+    if dynamic:
+        if err.is_terminal:
+            err.print(f"dynamic evaluation: {len(ids) - 1:,} characters at batch 1, one update per "
+                      f"{dyn_opts['seq_len']} characters...")
+        dloss, dn = evaluate_dynamic(run.model, ids, **dyn_opts)
+        dyn = {"nats_per_char": dloss, "bits_per_char": dloss / LN2, "tokens": dn, **dyn_opts}
     result = {"checkpoint": str(run.path), "source": source, "nats_per_char": loss, "bits_per_char": loss / LN2,
               "tokens": n}
     if dyn is not None:

@@ -38,7 +38,8 @@ DYN_DECAY = 1e-3  # pull towards the static weights per update (0: none)
 DYN_CLIP = 1.0  # global-norm clip of each window's gradient (0: off); lr * clip bounds a step
 
 
-def _check_options(seq_len: int, lr: float, decay: float, max_norm: float) -> None:
+def check_options(seq_len: int, lr: float, decay: float, max_norm: float) -> None:
+    """ValueError naming the first bad setting (callers check before any long work)."""
     if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
         raise ValueError(f"dynamic evaluation: seq-len must be an integer >= 1, got {seq_len!r}")
     if not (math.isfinite(lr) and lr >= 0):
@@ -71,7 +72,7 @@ def evaluate_dynamic(model, ids, seq_len: int = DYN_SEQ_LEN, lr: float = DYN_LR,
     trained ones; 1e-2 already forgot too fast. A shorter window adapts sooner but costs
     more per character (seq_len 20: ~2x the time, ~0.01 nats/char better).
     """
-    _check_options(seq_len, lr, decay, max_norm)
+    check_options(seq_len, lr, decay, max_norm)
     if not (hasattr(ids, "ndim") and ids.ndim == 1 and ids.dtype.kind in "iu"):
         raise ValueError("dynamic evaluation needs one stream of character ids (a prose model); "
                          "lines (names) models score every line from a fresh state, so there is "
@@ -107,10 +108,11 @@ def evaluate_dynamic(model, ids, seq_len: int = DYN_SEQ_LEN, lr: float = DYN_LR,
             # The next window starts from the state computed with the weights this window was
             # scored with; recomputing it with the updated weights would cost a second forward.
             state = next_state
+            del grads, cache  # parameter- and window-sized: not alive through the next forward
     finally:
         for name, p in params.items():
             p[...] = static[name]
     return total / count, count
 
 
-__all__ = ["DYN_CLIP", "DYN_DECAY", "DYN_LR", "DYN_SEQ_LEN", "evaluate_dynamic"]
+__all__ = ["DYN_CLIP", "DYN_DECAY", "DYN_LR", "DYN_SEQ_LEN", "check_options", "evaluate_dynamic"]

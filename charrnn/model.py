@@ -231,7 +231,9 @@ class CharRNN:
                 # LSTM and RNN: both biases sit in the same sum, so their gradients are equal
                 g[f"rnn.bias_ih_l{k}"] = dxp2.sum(axis=0) if cfg.cell == "gru" else db_hh.copy()
                 dx = (dxp2 @ p[f"rnn.weight_ih_l{k}"]).reshape(T, B, H)
-                dy = dx + dy if cfg.residual else dx  # residual: y = h + x
+                if cfg.residual:  # y = h + x: the gradient reaches x both ways
+                    dx += dy
+                dy = dx
             else:
                 dtable = be.scatter_add_rows(cache["ids"], dxp2, V)  # (V, G*H)
                 g["encoder.weight"] = dtable @ p["rnn.weight_ih_l0"]

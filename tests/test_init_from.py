@@ -97,3 +97,27 @@ def test_bad_init_from_inputs(runner, tmp_path):
     assert "no checkpoint at nowhere.safetensors" in res.output
     res = _run(runner, "train", "--resume", "checkpoints/base", "--init-from", "checkpoints/base", code=1)
     assert "pick one" in res.output
+
+
+def test_from_a_float16_export_and_through_a_resume(runner):
+    _base(runner)
+    _run(runner, "export", "checkpoints/base", "base16.safetensors")  # as shipped models are stored
+    _run(runner, "train", "play.txt", "--init-from", "base16.safetensors", "--steps", "1", "--lr", "1e-30",
+         "--warmup", "1", "--batch-size", "4", "--seq-len", "16", "--eval-every", "1", "--out", "checkpoints/t16")
+    src = _params(Path("base16.safetensors"))
+    got = _params(Path("checkpoints/t16/latest.safetensors"))
+    for n in src:  # float32 from here on, holding exactly the float16 values
+        assert got[n].dtype == np.float32
+        np.testing.assert_array_equal(got[n], src[n].astype(np.float32), err_msg=n)
+    _run(runner, "train", "--resume", "checkpoints/t16", "--steps", "3")
+    meta = checkpoint.read_meta(Path("checkpoints/t16/latest.safetensors"))
+    assert meta["train"]["step"] == 3
+    assert meta["init_from"]["fingerprint"] == fingerprint([Path("base16.safetensors")])
+
+
+def test_options_that_cannot_apply_to_the_checkpoint(runner):
+    _base(runner)
+    res = _run(runner, "train", "play.txt", "--init-from", "checkpoints/base", "--lines", code=1)
+    assert "is a prose model: its vocabulary has no end token" in res.output
+    res = _run(runner, "train", "play.txt", "--init-from", "checkpoints/base", "--max-vocab", "5", code=1)
+    assert "--max-vocab cannot be used with --init-from" in res.output
