@@ -351,10 +351,26 @@ def sample(ckpt, length, temps, top_k, top_p, argmax, prime, seed, half, device)
         cfg.prime = prime
         if len(cfgs) > 1:
             _out(("\n" if i else "") + f"--- temperature {cfg.temperature:g} ---\n")
-        _out(prime)
-        for piece in generate(run.model, run.vocab, cfg, lines=run.lines):
+        pieces = _after_status(generate(run.model, run.vocab, cfg, lines=run.lines),
+                               "starting the sampler (its first run compiles it: ~20 s)")
+        _out(prime + next(pieces, ""))  # after the status line is gone: it erases its own line
+        for piece in pieces:
             _out(piece)
         _out("\n")
+
+
+def _after_status(items, message):
+    """items, with a transient status line on a terminal's stderr until the first one arrives:
+    numba compiles the generator on first use, seconds of silence otherwise."""
+    it = iter(items)
+    if not err.is_terminal:
+        yield from it
+        return
+    with err.status(message):
+        first = next(it, None)
+    if first is not None:
+        yield first
+        yield from it
 
 
 # ---------------------------------------------------------------------------------- names

@@ -190,3 +190,21 @@ def test_sample_into_a_closed_pipe_is_quiet(tmp_path):
     res = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120, check=False)
     assert len(res.stdout) == 5
     assert "Traceback" not in res.stderr and "Error" not in res.stderr
+
+
+def test_a_status_line_covers_the_wait_for_the_first_piece_on_a_terminal(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from charrnn import cli
+
+    shown = io.StringIO()
+    monkeypatch.setattr(cli, "err", Console(file=shown, force_terminal=True))
+    assert list(cli._after_status(iter("abc"), "compiling")) == ["a", "b", "c"]
+    assert "compiling" in shown.getvalue()  # drawn, then erased (transient)
+    assert list(cli._after_status(iter(()), "compiling")) == []
+    quiet = io.StringIO()  # not a terminal (a pipe, a log file): nothing is written
+    monkeypatch.setattr(cli, "err", Console(file=quiet, force_terminal=False))
+    assert list(cli._after_status(iter("xy"), "compiling")) == ["x", "y"]
+    assert quiet.getvalue() == ""
