@@ -53,7 +53,9 @@ class Reporter:
             transient=False,
         )
         self.progress.start()
-        self.task = self.progress.add_task("train", total=ev["steps"], completed=ev["step"], info="")
+        # Until the first log line: on a fresh install numba compiles the kernels in the first step.
+        self.task = self.progress.add_task("train", total=ev["steps"], completed=ev["step"],
+                                           info="first steps (compiling the kernels on a first run)")
 
     def _log(self, ev):
         if ev["val_loss"] is not None:

@@ -208,3 +208,22 @@ def test_a_status_line_covers_the_wait_for_the_first_piece_on_a_terminal(monkeyp
     monkeypatch.setattr(cli, "err", Console(file=quiet, force_terminal=False))
     assert list(cli._after_status(iter("xy"), "compiling")) == ["x", "y"]
     assert quiet.getvalue() == ""
+
+
+def test_the_training_bar_says_why_the_first_steps_are_slow():
+    import io
+
+    from rich.console import Console
+
+    from charrnn.progress import Reporter
+
+    shown = io.StringIO()
+    rep = Reporter(Console(file=shown, force_terminal=True, width=160), live=True)
+    rep({"kind": "start", "step": 0, "steps": 100})
+    rep.close()
+    assert "compiling the kernels on a first run" in shown.getvalue()
+    plain = io.StringIO()  # not a terminal: log lines only, nothing before the first one
+    rep = Reporter(Console(file=plain, force_terminal=False), live=False)
+    rep({"kind": "start", "step": 0, "steps": 100})
+    rep.close()
+    assert plain.getvalue() == ""
