@@ -22,7 +22,7 @@ from rich.console import Console
 
 from charrnn import __version__
 from charrnn.checkpoint import CheckpointError
-from charrnn.config import ModelConfig, SampleConfig, TrainConfig
+from charrnn.config import ModelConfig, SampleConfig, TrainConfig, check_recompute
 from charrnn.data import CorpusError
 from charrnn.dynamic_eval import DYN_CLIP, DYN_DECAY, DYN_LR, DYN_SEQ_LEN
 
@@ -250,7 +250,7 @@ def _new_run(corpus, out, opts, given=frozenset(), init_from=None):
     init = _init_source(init_from, opts, given) if init_from else None
     mcfg, tcfg = _configs(opts)
     tcfg.validate()
-    _check_recompute(tcfg, mcfg)
+    check_recompute(tcfg.recompute, mcfg.layers)  # before the corpus is read (a long encode)
     for p in corpus:
         if not Path(p).exists():
             raise UserError(f"corpus file not found: {p}")
@@ -279,13 +279,6 @@ def _new_run(corpus, out, opts, given=frozenset(), init_from=None):
     return Trainer(model, data, tcfg, run_dir, meta), run_dir
 
 
-def _check_recompute(tcfg, mcfg):
-    """Before the corpus is read: a bad --recompute should not wait for a long encode."""
-    if tcfg.recompute and tcfg.recompute >= mcfg.layers:
-        raise UserError(f"--recompute must be below --layers ({mcfg.layers}): the top layer's backward "
-                        "runs first, so recomputing it saves no memory")
-
-
 def _resume(resume, corpus, opts, given):
     from charrnn.checkpoint import read_meta
     from charrnn.dataset import build_dataset
@@ -306,7 +299,7 @@ def _resume(resume, corpus, opts, given):
     for k in given & RESUMABLE:
         setattr(tcfg, k, opts[k])
     tcfg.validate()
-    _check_recompute(tcfg, loaded.model_cfg)
+    check_recompute(tcfg.recompute, loaded.model_cfg.layers)
     paths = list(corpus) or loaded.meta["corpus"]["paths"]
     data = build_dataset(paths, tcfg, vocab=loaded.vocab, cache=run_dir / "corpus.ids")
     if data.fingerprint != loaded.meta["corpus"]["fingerprint"]:

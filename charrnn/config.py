@@ -131,6 +131,13 @@ class SampleConfig:
         return self
 
 
+def check_recompute(recompute: int, layers: int) -> None:
+    """--recompute against the model's depth (TrainConfig alone does not know it)."""
+    if recompute and recompute >= layers:
+        raise ValueError(f"--recompute must be below --layers ({layers}): the top layer's backward "
+                         "runs first, so recomputing it saves no memory")
+
+
 def to_dict(cfg) -> dict:
     return asdict(cfg)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from charrnn import checkpoint
+from charrnn.config import check_recompute
 from charrnn.data import LineBatcher, StreamBatcher
 from charrnn.dataset import Dataset
 from charrnn.evaluate import evaluate_lines, evaluate_stream
@@ -53,9 +54,7 @@ def seen_tensor(seen: list[str]) -> np.ndarray:
 class Trainer:
     def __init__(self, model: CharRNN, data: Dataset, cfg, run_dir, meta: dict, callback=None):
         self.model, self.data, self.cfg = model, data, cfg
-        if cfg.recompute >= model.cfg.layers:
-            raise ValueError(f"recompute must be below the number of layers ({model.cfg.layers}): the top "
-                             f"layer's backward runs first, so recomputing it saves no memory")
+        check_recompute(cfg.recompute, model.cfg.layers)
         self.run_dir = Path(run_dir)
         self.meta = meta  # model/vocab/corpus description written into every checkpoint
         self.callback = callback or (lambda event: None)
