@@ -1,7 +1,7 @@
 """Optimisation: Adam / AdamW, global-norm gradient clipping, and the learning-rate schedule.
 
 The arithmetic lives in the kernel module handed in (`charrnn.kernels.reference`, `.cpu` or
-the CUDA twin): `adam_update` updates one parameter in place and `sum_squares` feeds the
+the CUDA twin): `adam_update` updates one parameter in place and `sum_squares_total` feeds the
 global norm. This module only keeps the state (moments, step count) and decides which
 parameters are decayed, so every backend runs the same optimizer.
 """
@@ -129,8 +129,9 @@ class Adam:
 
 
 def global_norm(grads: dict, kernels: ModuleType) -> float:
-    """sqrt of the sum of squares of every gradient (accumulated in float64 by the kernel)."""
-    return math.sqrt(sum(float(kernels.sum_squares(g)) for g in grads.values()))
+    """sqrt of the sum of squares of every gradient (accumulated in float64 by the kernel;
+    on the GPU one reduction over all of them, so one sync with the host per step)."""
+    return math.sqrt(kernels.sum_squares_total(list(grads.values())))
 
 
 def clip_grad_norm(grads: dict, max_norm: float, kernels: ModuleType) -> float:

@@ -28,7 +28,7 @@ from charrnn.cuda_backend import CudaBackend
 from charrnn.kernels import cuda as ck
 from charrnn.kernels import reference
 from charrnn.model import CharRNN, State
-from charrnn.optim import Adam, clip_grad_norm
+from charrnn.optim import Adam, clip_grad_norm, global_norm
 
 CELLS = ["lstm", "gru", "rnn"]
 STEP_SHAPES = [(1, 3), (2, 5), (3, 8)]  # (B, H)
@@ -238,6 +238,23 @@ def test_sum_squares_matches_reference_and_repeats_exactly(shape, dtype):
     assert isinstance(got, float)
     assert got == pytest.approx(reference.sum_squares(g), rel=1e-12)
     assert ck.sum_squares(_dev(g)) == got  # a fixed reduction tree: the same bits
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sum_squares_total_matches_reference_with_one_host_copy(dtype, monkeypatch):
+    rng = np.random.default_rng(11)
+    # Sizes around block multiples (the simulator's THREADS is small), one empty array.
+    arrays = [_randn(rng, shape, dtype, 3.0) for shape in [(5, 11), (1,), (0,), (ck.THREADS + 1,), (3, 4, 2)]]
+    want = reference.sum_squares_total(arrays)
+    copies = []
+    real = ck._scalar
+    monkeypatch.setattr(ck, "_scalar", lambda a: copies.append(1) or real(a))
+    got = ck.sum_squares_total([_dev(a) for a in arrays])
+    assert got == pytest.approx(want, rel=1e-12)
+    assert len(copies) == 1  # one sync with the host, however many arrays
+    assert ck.sum_squares_total([_dev(a) for a in arrays]) == got  # the same bits again
+    assert global_norm(dict(enumerate(_dev(a) for a in arrays)), ck) == pytest.approx(want**0.5, rel=1e-12)
+    assert ck.sum_squares_total([]) == 0.0
 
 
 def test_reductions_need_a_power_of_two_block(monkeypatch):

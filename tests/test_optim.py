@@ -214,6 +214,14 @@ def test_global_norm(kernels):
     assert global_norm(grads, kernels) == pytest.approx(float(np.linalg.norm(flat)), rel=1e-12)
 
 
+def test_sum_squares_total_is_the_sum_over_arrays(kernels):
+    rng = np.random.default_rng(5)
+    arrays = [rng.standard_normal(s).astype(np.float32) for s in [(3, 7), (0,), (20_000,), (4,)]]
+    want = sum(float(np.sum(a.astype(np.float64) ** 2)) for a in arrays)
+    assert kernels.sum_squares_total(arrays) == pytest.approx(want, rel=1e-12)
+    assert kernels.sum_squares_total([]) == 0.0
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_clip_caps_global_norm_exactly(kernels, dtype):
     grads = _grads(_params(0, dtype), np.random.default_rng(8))

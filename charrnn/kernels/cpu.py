@@ -658,6 +658,11 @@ def sum_squares(g):
     return total
 
 
+def sum_squares_total(arrays):
+    """Sum of squares over a sequence of arrays (global-norm clipping), accumulated in float64."""
+    return float(sum(sum_squares(g) for g in arrays))
+
+
 # ---------------------------------------------------------------- generation (batch 1)
 
 # generate_ids threads a layer from H = GEN_PAR_MIN_H, in work items of GEN_UNITS hidden

@@ -354,21 +354,31 @@ def _partial_sums_kernel(a, square, part):
         part[cuda.blockIdx.x] = s
 
 
-def _device_sum(a, square: bool) -> float:
-    """Sum of a 1-D device array (or of its squares): partial sums per block, then one block
-    sums those. Deterministic for a given size, THREADS and MAX_BLOCKS."""
+def _device_sum(arrays, square: bool) -> float:
+    """Sum of 1-D device arrays (or of their squares): each array's blocks write partial
+    sums side by side into one buffer, then one block sums it, so one copy to the host
+    however many arrays. Deterministic for given sizes, THREADS and MAX_BLOCKS."""
     _check_threads()
-    nb = _grid(a.size)
-    part = _scratch("part", nb)  # (blocks,) partial sums
+    grids = [_grid(a.size) for a in arrays]
+    part = _scratch("part", sum(grids))  # (all arrays' blocks,) partial sums
     out = _scratch("sum", 1)
-    _partial_sums_kernel[nb, THREADS](a, 1 if square else 0, part)
+    off = 0
+    for a, nb in zip(arrays, grids):
+        _partial_sums_kernel[nb, THREADS](a, 1 if square else 0, part[off:off + nb])
+        off += nb
     _partial_sums_kernel[1, THREADS](part, 0, out)
     return _scalar(out)
 
 
 def sum_squares(g):
     """Sum of squares of an array, accumulated in float64 (global-norm clipping)."""
-    return _device_sum(_flat(_dev(g)), True)
+    return _device_sum([_flat(_dev(g))], True)
+
+
+def sum_squares_total(arrays):
+    """Sum of squares over a sequence of arrays, accumulated in float64 (global-norm
+    clipping): one reduction and one sync with the host per call, not one per array."""
+    return _device_sum([_flat(_dev(g)) for g in arrays], True)
 
 
 # ---------------------------------------------------------------- loss
@@ -416,7 +426,7 @@ def softmax_xent(logits, targets, mask, scale, dlogits):
     row_loss = _scratch("row_loss", N)  # (N,) per-row losses
     _softmax_xent_kernel[max(1, min(N, MAX_BLOCKS)), THREADS](
         _dev(logits), _dev(targets), _dev(mask), float(scale), _dev(dlogits), row_loss)
-    return _device_sum(row_loss, False)
+    return _device_sum([row_loss], False)
 
 
 @cuda.jit(cache=True)

@@ -239,3 +239,8 @@ def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, l2, decay):
 def sum_squares(g):
     """Sum of squares of an array, accumulated in float64 (global-norm clipping)."""
     return float(np.dot(g.ravel().astype(np.float64), g.ravel().astype(np.float64)))
+
+
+def sum_squares_total(arrays):
+    """Sum of squares over a sequence of arrays (global-norm clipping), accumulated in float64."""
+    return float(sum(sum_squares(g) for g in arrays))
