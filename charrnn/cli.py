@@ -109,34 +109,59 @@ RESUMABLE = {"steps", "eval_every", "patience", "device", "recompute"}
 
 @main.command()
 @click.argument("corpus", nargs=-1, type=click.Path())
-@click.option("--cell", type=click.Choice(["lstm", "gru", "rnn"]), default=ModelConfig.cell, show_default=True)
-@click.option("--layers", type=int, default=ModelConfig.layers, show_default=True)
-@click.option("--hidden", type=int, default=ModelConfig.hidden, show_default=True)
-@click.option("--embed", type=int, default=ModelConfig.embed, show_default=True)
-@click.option("--dropout", type=float, default=ModelConfig.dropout, show_default=True)
-@click.option("--rec-dropout", type=float, default=ModelConfig.rec_dropout, show_default=True)
-@click.option("--residual/--no-residual", default=ModelConfig.residual, show_default=True)
-@click.option("--batch-size", type=int, default=TrainConfig.batch_size, show_default=True)
-@click.option("--seq-len", type=int, default=TrainConfig.seq_len, show_default=True)
-@click.option("--lr", type=float, default=TrainConfig.lr, show_default=True)
-@click.option("--optimizer", type=click.Choice(["adam", "adamw"]), default=TrainConfig.optimizer, show_default=True)
-@click.option("--weight-decay", type=float, default=TrainConfig.weight_decay, show_default=True)
-@click.option("--grad-clip", type=float, default=TrainConfig.grad_clip, show_default=True)
+@click.option("--cell", type=click.Choice(["lstm", "gru", "rnn"]), default=ModelConfig.cell, show_default=True,
+              help="recurrent cell: LSTM, GRU or a vanilla tanh RNN")
+@click.option("--layers", type=int, default=ModelConfig.layers, show_default=True,
+              help="number of stacked recurrent layers")
+@click.option("--hidden", type=int, default=ModelConfig.hidden, show_default=True,
+              help="hidden units per recurrent layer")
+@click.option("--embed", type=int, default=ModelConfig.embed, show_default=True,
+              help="character embedding width")
+@click.option("--dropout", type=float, default=ModelConfig.dropout, show_default=True,
+              help="dropout rate in [0, 1) on each layer's output (the input of the next layer and of "
+                   "the decoder); 0: off")
+@click.option("--rec-dropout", type=float, default=ModelConfig.rec_dropout, show_default=True,
+              help="variational dropout rate in [0, 1) on the hidden state fed back into the recurrence, "
+                   "one mask per window; 0: off")
+@click.option("--residual/--no-residual", default=ModelConfig.residual, show_default=True,
+              help="add each layer's input to its output (every layer above the first)")
+@click.option("--batch-size", type=int, default=TrainConfig.batch_size, show_default=True,
+              help="parallel text streams per batch (prose), or lines per batch (--lines)")
+@click.option("--seq-len", type=int, default=TrainConfig.seq_len, show_default=True,
+              help="truncated-BPTT window in characters (prose only; --lines trains on whole lines)")
+@click.option("--lr", type=float, default=TrainConfig.lr, show_default=True,
+              help="peak learning rate (reached at the end of --warmup)")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw"]), default=TrainConfig.optimizer, show_default=True,
+              help="adam: --weight-decay as an L2 penalty; adamw: decoupled weight decay")
+@click.option("--weight-decay", type=float, default=TrainConfig.weight_decay, show_default=True,
+              help="weight decay on the weight matrices (not biases), applied as --optimizer says; 0: off")
+@click.option("--grad-clip", type=float, default=TrainConfig.grad_clip, show_default=True,
+              help="clip the gradients to this global L2 norm; 0: off")
 @click.option("--schedule", type=click.Choice(["constant", "step", "cosine"]), default=TrainConfig.schedule,
-              show_default=True)
-@click.option("--warmup", type=int, default=TrainConfig.warmup, show_default=True)
+              show_default=True,
+              help=f"learning rate after --warmup: constant; step (x{TrainConfig.decay_rate:g} every "
+                   f"{TrainConfig.decay_every} steps); cosine (down to {TrainConfig.min_lr_frac:g} x --lr "
+                   "at the last step)")
+@click.option("--warmup", type=int, default=TrainConfig.warmup, show_default=True,
+              help="steps of linear learning-rate warm-up from 0 to --lr; 0: none")
 @click.option("--steps", type=int, default=TrainConfig.steps, show_default=True,
               help="total optimizer steps of the run (with --resume: continue up to this)")
 @click.option("--epochs", type=float, default=TrainConfig.epochs, help="passes over the data (overrides --steps)")
-@click.option("--val-frac", type=float, default=TrainConfig.val_frac, show_default=True)
-@click.option("--test-frac", type=float, default=TrainConfig.test_frac, show_default=True)
+@click.option("--val-frac", type=float, default=TrainConfig.val_frac, show_default=True,
+              help="fraction held out for validation: the end of the text (prose) or random lines (--lines)")
+@click.option("--test-frac", type=float, default=TrainConfig.test_frac, show_default=True,
+              help="fraction held out for testing: the text after the validation part (prose) or random "
+                   "lines (--lines)")
 @click.option("--test-count", type=int, default=TrainConfig.test_count, help="lines mode: exact test lines")
-@click.option("--split-seed", type=int, default=TrainConfig.split_seed, show_default=True)
-@click.option("--eval-every", type=int, default=TrainConfig.eval_every, show_default=True)
+@click.option("--split-seed", type=int, default=TrainConfig.split_seed, show_default=True,
+              help="lines mode: seed of the random validation/test split")
+@click.option("--eval-every", type=int, default=TrainConfig.eval_every, show_default=True,
+              help="steps between validation passes (and checkpoints)")
 @click.option("--eval-max-chars", type=int, default=TrainConfig.eval_max_chars,
               help="cap validation characters per eval (0: all)")
 @click.option("--patience", type=int, default=TrainConfig.patience, help="early stopping after N evals without gain")
-@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
+@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True,
+              help="random seed for weight initialisation, batch order and dropout")
 @click.option("--lines/--no-lines", default=None, help="one example per line (default: detect)")
 @click.option("--encoding", default=TrainConfig.encoding, show_default=True, help="text encoding, or 'bytes'")
 @click.option("--max-vocab", type=int, default=TrainConfig.max_vocab, help="keep the N most frequent characters")
@@ -371,15 +396,17 @@ def _after_status(items, message):
 @_ckpt_option
 @click.option("-n", "count", type=int, default=20, show_default=True, help="how many names")
 @click.option("-t", "--temp", type=float, default=0.8, show_default=True, help="temperature")
-@click.option("--top-k", type=int, default=0)
-@click.option("--top-p", type=float, default=1.0)
+@click.option("--top-k", type=int, default=0, help="sample from the k most likely characters (0: all)")
+@click.option("--top-p", type=float, default=1.0,
+              help="nucleus sampling: smallest set of characters with this probability (1: all)")
 @click.option("--seed", type=int, default=None, help="same seed, same names")
-@click.option("--min-len", type=int, default=2, show_default=True)
-@click.option("--max-len", type=int, default=16, show_default=True)
+@click.option("--min-len", type=int, default=2, show_default=True, help="shortest name kept, in characters")
+@click.option("--max-len", type=int, default=16, show_default=True, help="longest name kept, in characters")
 @click.option("--start", default="", help="every name starts with this")
 @click.option("--contains", default="", help="every name contains this")
 @click.option("--allow-seen", is_flag=True, help="keep names that are in the training list")
-@click.option("--format", "fmt", type=click.Choice(["text", "json", "csv"]), default="text", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "csv"]), default="text", show_default=True,
+              help="text: one name per line; json: one list; csv: a 'name' column with a header")
 @_device_option
 def names(ckpt, count, temp, top_k, top_p, seed, min_len, max_len, start, contains, allow_seen, fmt, device):
     """Generate new first names (from the shipped model unless -c is given)."""
@@ -416,7 +443,8 @@ def names(ckpt, count, temp, top_k, top_p, seed, min_len, max_len, start, contai
 @click.argument("file", required=False, type=click.Path())
 @click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True,
               help="without FILE: which split of the run's corpus")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="parallel text streams per batch (prose models; lines models ignore it)")
 @click.option("--seq-len", type=click.IntRange(min=1), default=None,
               help=f"characters per window  [default: 100; {DYN_SEQ_LEN} for the --dynamic pass]")
 @click.option("--dynamic", is_flag=True,
