@@ -355,8 +355,10 @@ def _resume(resume, corpus, opts, given):
 @_device_option
 def sample(ckpt, length, temps, top_k, top_p, argmax, prime, seed, half, device):
     """Stream generated text from a checkpoint."""
+    from charrnn import spin_for_generation
     from charrnn.sampler import generate
 
+    spin_for_generation()  # before anything starts numba's thread pool
     temps = temps or (SampleConfig.temperature,)
     cfgs = [SampleConfig(length, t, top_k, top_p, prime, seed, argmax, half).validate() for t in temps]
     run = _load(ckpt, device, "run")

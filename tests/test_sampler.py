@@ -9,6 +9,9 @@ recurrences), so rounding differences stay at rounding size over hundreds of ste
 Dimension letters: L=layers, H=hidden, G=gate blocks, V=vocab, n=steps.
 """
 
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -301,3 +304,17 @@ def test_half_fails_loudly():
 def test_zero_length_yields_nothing():
     vocab = _vocab()
     assert list(generate(_model(vocab), vocab, SampleConfig(length=0, seed=1))) == []
+
+
+@pytest.mark.parametrize("user_env, want", [
+    ({}, "300000"),  # charrnn's choice for generation
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, None),  # the user's wait policy stands
+    ({"GOMP_SPINCOUNT": "5"}, "5"),  # and so does the user's spin count
+])
+def test_spin_for_generation_sets_the_spin_count_unless_the_user_chose(user_env, want):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = ("import os, charrnn; charrnn.spin_for_generation(); "
+            "print(os.environ.get('GOMP_SPINCOUNT'))")
+    out = subprocess.run([sys.executable, "-c", code], env={**env, **user_env}, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    assert out == str(want)
