@@ -25,6 +25,7 @@ from bench.workloads import (
     SAMPLE_TEMPERATURE,
     Workload,
 )
+from charrnn import spin_for_generation
 from charrnn.backend import get_backend
 from charrnn.config import ModelConfig, SampleConfig
 from charrnn.model import CharRNN, init_params
@@ -110,6 +111,7 @@ def train_step_fn(w: Workload, device: str):
 
 def sample_fn(w: Workload, device: str):
     """step(k): one `generate` of k*SAMPLE_CHUNK characters at batch 1 -> characters."""
+    spin_for_generation()  # as `charrnn sample` does, before the model starts numba's pool
     model = build_model(w, device)
     vocab = vocab_for(w)
     seed = [0]

@@ -4,7 +4,10 @@ A measurement is a `step(k)` callable that does k units of work (training steps,
 sampled characters, generate_names calls) and returns how many items (characters, names) it
 produced. The first call pays for numba's compilation or cache load and is never timed;
 the last warm-up call estimates a unit's time, from which the units per repeat are chosen
-so that a repeat lasts about `target_s`. Every repeat then gives one items-per-second rate.
+so that a repeat lasts about `target_s`. A call can have a fixed cost besides its units
+(sampling prepares its weights once per `generate`: ~30 ms, against ~10 ms for a 50-character
+unit at 3x512), so a short estimate is redone with more units until it lasts a tenth of a
+repeat. Every repeat then gives one items-per-second rate.
 """
 
 from __future__ import annotations
@@ -37,16 +40,22 @@ class Timing:
 def measure(step, plan: Plan, sync=lambda: None) -> Timing:
     """Warm up, then plan.repeats timed repeats of step(units); `sync` waits for a device."""
     out = Timing()
-    est = math.inf
-    for i in range(max(plan.warmup, 1)):
+
+    def timed(n: int) -> float:
         t0 = time.perf_counter()
-        step(1)
+        step(n)
         sync()
-        dt = time.perf_counter() - t0
+        return time.perf_counter() - t0
+
+    for i in range(max(plan.warmup, 1)):
+        dt = timed(1)
         if i == 0:
             out.first_s = dt
-        est = dt
-    out.units = int(min(max(round(plan.target_s / max(est, 1e-9)), 1), plan.max_units))
+    n, floor = 1, plan.target_s / 10
+    while dt < floor and n < plan.max_units:
+        n = min(plan.max_units, max(2 * n, math.ceil(n * floor / max(dt, 1e-9))))
+        dt = timed(n)
+    out.units = int(min(max(round(plan.target_s * n / max(dt, 1e-9)), 1), plan.max_units))
     for _ in range(plan.repeats):
         t0 = time.perf_counter()
         items = step(out.units)
