@@ -6,14 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from texts import NAMES, PROSE
 
 from charrnn import checkpoint
 from charrnn.cli import main
-
-PROSE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 30)
-NAMES = "\n".join(["emma", "olivia", "ava", "isabella", "sophia", "mia", "amelia", "harper", "evelyn",
-                   "abigail", "emily", "ella", "liam", "noah", "william", "james", "oliver", "benjamin",
-                   "elijah", "lucas", "mason", "logan", "alexander", "ethan", "jacob", "michael"] * 5) + "\n"
 
 
 @pytest.fixture

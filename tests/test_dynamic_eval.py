@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from texts import NAMES, PROSE
 
 from charrnn.backend import get_backend
 from charrnn.cli import main
@@ -162,9 +163,6 @@ def test_bad_input_raises_a_clear_error():
 
 # ---------------------------------------------------------------------------------- the CLI
 
-PROSE = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 30
-NAMES = "\n".join(["emma", "olivia", "ava", "isabella", "sophia", "mia", "amelia", "harper", "liam",
-                   "noah", "william", "james", "oliver", "benjamin", "elijah", "lucas"] * 6) + "\n"
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from texts import PROSE
 
 from charrnn import checkpoint
 from charrnn.cli import main
 from charrnn.data import fingerprint
 
-PROSE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 30)
 SMALL = ["--layers", "1", "--hidden", "16", "--embed", "8", "--batch-size", "4", "--seq-len", "16",
          "--warmup", "5", "--eval-every", "10"]
 
