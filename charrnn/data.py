@@ -307,7 +307,8 @@ class StreamBatcher:
 def stream_windows(ids: np.ndarray, batch_size: int, seq_len: int):
     """Deterministic evaluation windows over a whole split, state carried: yields (x, y),
     each (t, B_eval) int32 with t = seq_len except a shorter last window. B_eval streams of
-    S = (N-1) // B_eval targets each cover B_eval*S targets (all but < B_eval of them)."""
+    S = (N-1) // B_eval targets each cover B_eval*S targets (all but < B_eval of them;
+    evaluate_stream scores the rest from the last stream's state)."""
     n = len(ids)
     if n < 2:
         raise CorpusError(f"evaluation split has {n} characters, needs at least 2; raise "

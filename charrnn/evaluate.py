@@ -15,10 +15,11 @@ import math
 import numpy as np
 
 from charrnn.data import line_batches, stream_windows
+from charrnn.model import State
 
 
 def evaluate_stream(model, ids, batch_size: int = 64, seq_len: int = 100, max_chars: int = 0):
-    """ids (N,) -> (mean nats per predicted char, number of predicted chars)."""
+    """ids (N,) -> (mean nats per predicted char, N-1 predicted chars)."""
     if len(ids) < 2:
         raise ValueError(f"need at least 2 characters to evaluate, got {len(ids)}")
     if max_chars:
@@ -29,6 +30,17 @@ def evaluate_stream(model, ids, batch_size: int = 64, seq_len: int = 100, max_ch
             state = model.zero_state(x.shape[1])
         logits, state, _ = model.forward(x, state)
         loss, _, n = model.loss(logits, y)
+        total += loss * n
+        count += int(n)
+    # The streams cover all but the last (N-1) mod B targets, which follow the last stream's
+    # end: score them from that stream's state, so every character counts.
+    if count < len(ids) - 1:
+        xp = model.backend.xp
+        last = State(xp.ascontiguousarray(state.h[:, -1:]),
+                     None if state.c is None else xp.ascontiguousarray(state.c[:, -1:]))
+        tail = np.asarray(ids[count:], np.int32)  # inputs tail[:-1], targets tail[1:]
+        logits, _, _ = model.forward(tail[:-1, None], last)
+        loss, _, n = model.loss(logits, tail[1:, None])
         total += loss * n
         count += int(n)
     return total / count, count
