@@ -50,7 +50,7 @@ names-model: corpora
 	$(BIN)/charrnn train corpora/names.txt --lines --cell lstm --layers 2 --hidden 384 --embed 48 \
 	  --dropout 0.4 --rec-dropout 0.15 --weight-decay 0.1 --batch-size 64 --lr 3e-3 --warmup 200 \
 	  --steps 12000 --eval-every 500 --val-frac 0.05 --test-count 1000 --seed 1337 --out $(NAMES_RUN)
-	$(BIN)/charrnn export $(NAMES_RUN) checkpoints/names/model.safetensors
+	$(BIN)/charrnn export --force $(NAMES_RUN) checkpoints/names/model.safetensors
 	$(BIN)/charrnn eval -c $(NAMES_RUN) --split test
 
 # Quality benchmark on makemore's names list (test = 1,000 names by default_rng(3407)); the
@@ -75,13 +75,13 @@ SHAKESPEARE_OPTS := ../shared/corpora/tinyshakespeare.txt --weight-decay 0.1 --b
 train-shakespeare: $(STAMP)
 	$(BIN)/charrnn train $(SHAKESPEARE_OPTS) --layers 3 --hidden 512 --embed 64 --dropout 0.35 \
 	  --rec-dropout 0.1 --lr 2e-3 --steps 2200 --seed 1337 --out $(SHAKESPEARE_RUN)
-	$(BIN)/charrnn export $(SHAKESPEARE_RUN) $(SHAKESPEARE_RUN)/stage1.safetensors
+	$(BIN)/charrnn export --force $(SHAKESPEARE_RUN) $(SHAKESPEARE_RUN)/stage1.safetensors
 	$(BIN)/charrnn train $(SHAKESPEARE_OPTS) --init-from $(SHAKESPEARE_RUN)/stage1.safetensors \
 	  --lr 1e-3 --steps 2400 --seed 1338 --out $(SHAKESPEARE_RUN2)
 	$(BIN)/charrnn eval -c $(SHAKESPEARE_RUN2) --split val
 
 shakespeare-model: train-shakespeare
-	$(BIN)/charrnn export $(SHAKESPEARE_RUN2) checkpoints/shakespeare/model.safetensors
+	$(BIN)/charrnn export --force $(SHAKESPEARE_RUN2) checkpoints/shakespeare/model.safetensors
 	$(BIN)/charrnn eval -c checkpoints/shakespeare/model.safetensors --split val
 
 # Short screening runs of quality levers (residual, embedding, window shape, schedule, dropout)

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -61,6 +62,7 @@ def options(extra: list[str]) -> list[str]:
 
 def run(name: str, extra: list[str], steps: int, out_root: Path) -> dict:
     out = out_root / name.replace(" ", "_").replace(",", "").replace("=", "")
+    shutil.rmtree(out, ignore_errors=True)  # a screen's own scratch run: `train --out` never overwrites one
     args = [sys.executable, "-m", "charrnn", "train", str(CORPUS), *options(extra), "--steps", str(steps),
             "--eval-every", str(max(1, steps // 4)), "--out", str(out)]
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", NUMBA_NUM_THREADS="1")

@@ -19,6 +19,7 @@ from typing import ClassVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from charrnn import __version__
 from charrnn.checkpoint import CheckpointError
@@ -26,7 +27,9 @@ from charrnn.config import ModelConfig, SampleConfig, TrainConfig, check_recompu
 from charrnn.data import CorpusError
 from charrnn.dynamic_eval import DYN_CLIP, DYN_DECAY, DYN_LR, DYN_SEQ_LEN
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# markup=False: messages hold user text (paths, names) that may contain [brackets]; the few
+# styled lines opt in with markup=True and escape() what they interpolate.
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 LN2 = math.log(2)
 
 
@@ -35,7 +38,7 @@ class UserError(Exception):
 
 
 def fail(message: str, code: int = 1):
-    err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
     sys.exit(code)
 
 
@@ -187,7 +190,7 @@ def train(ctx, corpus, out, resume, init_from, **opts):
     else:
         trainer, run_dir = _new_run(corpus, out, opts, given, init_from)
     cfg = trainer.cfg
-    err.print(f"run [bold]{run_dir}[/]: {trainer.model.cfg.cell} {trainer.model.cfg.layers}x{trainer.model.cfg.hidden}, "
+    err.print(f"run [bold]{escape(str(run_dir))}[/]: {trainer.model.cfg.cell} {trainer.model.cfg.layers}x{trainer.model.cfg.hidden}, "
               f"{trainer.model.num_params():,} parameters, vocab {len(trainer.data.vocab)}, "
               f"device {trainer.model.backend.name}, steps {trainer.step} -> {cfg.steps}", markup=True)
     from charrnn.progress import Reporter
@@ -221,15 +224,16 @@ def _configs(opts):
     return mcfg, tcfg
 
 
+def _holds_run(d: Path) -> bool:
+    return d.is_dir() and any(d.glob("*.safetensors"))
+
+
 def _fresh_dir(base: Path) -> Path:
     """base, or base-2, base-3, ... : never overwrite an existing run (a directory holding a
     checkpoint); a directory left by a run that failed before its first checkpoint is reused."""
 
-    def taken(d: Path) -> bool:
-        return d.is_dir() and any(d.glob("*.safetensors"))
-
     candidate, n = base, 2
-    while taken(candidate):
+    while _holds_run(candidate):
         candidate, n = Path(f"{base}-{n}"), n + 1
     return candidate
 
@@ -265,6 +269,7 @@ def _init_source(init_from, opts, given):
 
 def _new_run(corpus, out, opts, given=frozenset(), init_from=None):
     from charrnn.backend import get_backend
+    from charrnn.data import check_file
     from charrnn.dataset import build_dataset, detect_lines
     from charrnn.model import CharRNN
     from charrnn.runs import run_meta
@@ -277,8 +282,12 @@ def _new_run(corpus, out, opts, given=frozenset(), init_from=None):
     tcfg.validate()
     check_recompute(tcfg.recompute, mcfg.layers)  # before the corpus is read (a long encode)
     for p in corpus:
-        if not Path(p).exists():
-            raise UserError(f"corpus file not found: {p}")
+        check_file(Path(p))  # missing, a directory or empty: before anything is written
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out} is a file; hint: pass a directory for the run's checkpoints")
+    if out and _holds_run(Path(out)):
+        raise UserError(f"--out {out} already holds a run; hint: continue it with `charrnn train --resume "
+                        f"{shlex.quote(out)}`, or pass a new --out")
     if opts["lines"] is None:
         tcfg.lines = detect_lines(list(corpus), tcfg.encoding)
         if tcfg.lines:
@@ -320,12 +329,20 @@ def _resume(resume, corpus, opts, given):
     path = run_checkpoint(run_dir, prefer="latest")
     saved = read_meta(path).get("train", {}).get("config", {}).get("device", "auto")
     loaded = Loaded(path, _backend_name(opts["device"] if "device" in given else saved))
+    missing = [k for k in Trainer.RESUME_KEYS if k not in loaded.train_meta]
+    if missing:
+        raise UserError(f"{path} holds no training state (no {missing[0]}; an exported or shipped model?); "
+                        f"hint: start a new run from it with `charrnn train CORPUS --init-from {shlex.quote(str(path))}`")
     tcfg = loaded.train_cfg
     for k in given & RESUMABLE:
         setattr(tcfg, k, opts[k])
     tcfg.validate()
     check_recompute(tcfg.recompute, loaded.model_cfg.layers)
     paths = list(corpus) or loaded.meta["corpus"]["paths"]
+    gone = [p for p in paths if not corpus and not Path(p).exists()]
+    if gone:
+        raise UserError(f"the run's corpus file {gone[0]} is not there any more; hint: pass the same files after "
+                        f"--resume: charrnn train --resume {shlex.quote(str(run_dir))} FILE...")
     data = build_dataset(paths, tcfg, vocab=loaded.vocab, cache=run_dir / "corpus.ids")
     if data.fingerprint != loaded.meta["corpus"]["fingerprint"]:
         raise UserError(f"the corpus changed since this run started ({', '.join(paths)}); "
@@ -414,15 +431,19 @@ def names(ckpt, count, temp, top_k, top_p, seed, min_len, max_len, start, contai
     """Generate new first names (from the shipped model unless -c is given)."""
     from charrnn.names import NameFilter, generate_names
 
-    SampleConfig(temperature=temp, top_k=top_k, top_p=top_p).validate()
+    SampleConfig(temperature=temp, top_k=top_k, top_p=top_p, seed=seed).validate()
     run = _load(ckpt, device, "names", small_job=True)
     if not run.lines:
         raise UserError(f"{run.path} is a prose model; `names` needs a model trained with --lines")
     lower = not any(t.isupper() for t in run.vocab.tokens if len(t) == 1)
     if lower:  # a lower-case list: accept "Al" for "al", print "Alba"
         start, contains = start.lower(), contains.lower()
+    run.vocab.encode(contains)  # a character the model never writes: fail now, not after every try
     flt = NameFilter(min_len, max_len, start, contains, allow_seen)
     found = generate_names(run.model, run.vocab, count, flt, run.seen, temp, top_k, top_p, seed)
+    if not found:
+        raise UserError("none of the candidates passed the filters; hint: loosen --min-len/--max-len/"
+                        "--start/--contains or raise --temp")
     shown = [s.title() for s in found] if lower else found
     if fmt == "json":
         _out(json.dumps(shown) + "\n")
@@ -485,11 +506,20 @@ def eval_cmd(ctx, ckpt, file, split, batch_size, seq_len, dynamic, dyn_lr, dyn_d
         data = build_dataset([file], cfg, vocab=run.vocab)
         ids, source = data.train, file
     else:
-        paths = run.meta.get("corpus", {}).get("paths", [])
+        corpus = run.meta.get("corpus")
+        paths = corpus.get("paths") if isinstance(corpus, dict) else None
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            paths = []  # a damaged or hand-edited record: the same as none
         if not paths or not all(Path(p).is_file() for p in paths):
             raise UserError(f"the run's corpus ({', '.join(paths) or 'unknown'}) is not available; pass FILE")
         data = build_dataset(paths, cfg, vocab=run.vocab)
         ids, source = getattr(data, split), f"{split} split of {', '.join(paths)}"
+    need, unit = (1, "lines") if run.lines else (2, "characters")
+    if len(ids) < need:
+        what, hint = ((file, "pass a longer file") if file else
+                      (f"the run's {split} split", "pass FILE" + (", or use --split val" if split == "test" else "")))
+        raise UserError(f"{what} has too little text to evaluate ({len(ids)} {unit}, at least {need} needed); "
+                        f"hint: {hint}")
     if run.lines:
         loss, n = evaluate_lines(run.model, ids, run.vocab.eos_id)
     else:
@@ -529,6 +559,10 @@ def score(ckpt, texts, as_json, device):
     from charrnn.evaluate import score_text
 
     run = _load(ckpt, device, "run", small_job=True)
+    broken = next((t for t in texts if "\n" in t or "\r" in t), None) if run.lines else None
+    if broken is not None:
+        raise UserError(f"text {broken!r} spans several lines, but a lines (names) model scores one line; "
+                        "hint: pass each line as its own TEXT")
     lower = run.lines and not any(t.isupper() for t in run.vocab.tokens if len(t) == 1)
     # A lower-case names model scores "Emma" as "emma"; show what the user typed.
     rows = [dict(score_text(run.model, run.vocab, t.lower() if lower else t, run.lines), text=t) for t in texts]
@@ -600,9 +634,19 @@ def plot(runs, out_path, title, target, y_max, labels):
 
     if labels and len(labels) != len(runs):
         raise UserError(f"--label given {len(labels)} times for {len(runs)} runs")
+    for name, value in (("--target", target), ("--y-max", y_max)):
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"{name} must be a finite number, got {value}")
+    out = Path(out_path)
+    if out.is_dir():
+        raise UserError(f"-o {out_path} is a directory; hint: pass a file name such as {out / 'loss.svg'}")
+    if out.exists():
+        with open(out, "rb") as f:
+            if f.read(4) != b"<svg":  # only ever replace a chart, never someone's other file
+                raise UserError(f"-o {out_path} exists and is not an SVG chart; hint: pick another -o")
     curves = [read_run(Path(r), labels[i] if labels else None) for i, r in enumerate(runs)]
     svg = loss_svg(curves, title=title, target=target, y_max=y_max)
-    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(svg)
     os.replace(tmp, out)
@@ -614,10 +658,16 @@ def plot(runs, out_path, title, target, y_max, labels):
 @click.argument("source", type=click.Path())
 @click.argument("dest", type=click.Path())
 @click.option("--half/--no-half", default=True, show_default=True, help="store weights as float16")
-def export(source, dest, half):
+@click.option("--force", is_flag=True, help="replace DEST if it already exists")
+def export(source, dest, half, force):
     """Copy a checkpoint without its training state (for sharing or shipping)."""
     from charrnn import checkpoint
     from charrnn.runs import Loaded, resolve
+
+    if Path(dest).is_dir():
+        raise UserError(f"{dest} is a directory; hint: pass a file name such as {Path(dest) / 'model.safetensors'}")
+    if Path(dest).exists() and not force:
+        raise UserError(f"{dest} already exists; hint: pass --force to replace it, or choose another DEST")
 
     run = Loaded(resolve(source, "run"), "cpu")
     tensors = run.model.host_params()

@@ -6,6 +6,7 @@ The whole config is stored in every checkpoint (as JSON), so `sample`, `eval` an
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 CELLS = ("lstm", "gru", "rnn")
@@ -16,7 +17,8 @@ OPTIMIZERS = ("adam", "adamw")
 
 
 def _check_positive(name: str, value, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    # `not isfinite`: nan passes every comparison, and inf is no usable rate or count
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
@@ -87,7 +89,8 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         for name in ("batch_size", "seq_len", "steps", "eval_every", "decay_every"):
             _check_positive(name, getattr(self, name))
-        for name in ("warmup", "patience", "test_count", "max_vocab", "eval_max_chars", "recompute"):
+        for name in ("warmup", "patience", "test_count", "max_vocab", "eval_max_chars", "recompute", "seed",
+                     "split_seed"):
             _check_positive(name, getattr(self, name), allow_zero=True)
         _check_positive("lr", self.lr)
         _check_positive("epochs", self.epochs, allow_zero=True)
@@ -128,6 +131,8 @@ class SampleConfig:
             raise ValueError(f"top-k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         return self
 
 

@@ -41,7 +41,7 @@ def _paths(paths) -> list[Path]:
     return [Path(p) for p in paths]
 
 
-def _check_encoding(encoding: str) -> None:
+def check_encoding(encoding: str) -> None:
     if encoding == "bytes":
         return
     try:
@@ -54,7 +54,7 @@ def _check_encoding(encoding: str) -> None:
                           "latin-1, or bytes")
 
 
-def _check_file(path: Path) -> None:
+def check_file(path: Path) -> None:
     if not path.exists():
         raise CorpusError(f"corpus file not found: {path}")
     if path.is_dir():
@@ -65,7 +65,7 @@ def _check_file(path: Path) -> None:
 
 def _chunks(path: Path, encoding: str, chunk_bytes: int):
     """Decoded pieces (str) of one file, or raw byte pieces when encoding == "bytes"."""
-    _check_file(path)
+    check_file(path)
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
     with open(path, "rb") as f:
@@ -93,6 +93,9 @@ def _chunks(path: Path, encoding: str, chunk_bytes: int):
                     f"{path}: not valid {encoding} at byte offset {start - held + e.start} "
                     f"(byte 0x{e.object[e.start]:02x}); try --encoding latin-1 or "
                     "--encoding bytes") from None
+            except UnicodeError as e:  # e.g. UTF-16 without a byte-order mark
+                raise CorpusError(f"{path}: not valid {encoding} ({e}); try --encoding utf-8, "
+                                  "--encoding latin-1 or --encoding bytes") from None
             if text:
                 yield text
             if not chunk:
@@ -114,7 +117,7 @@ CHUNK_BYTES = 1 << 22
 
 def scan_counts(paths, encoding: str = "utf-8", chunk_bytes: int = CHUNK_BYTES) -> Counter:
     """Character counts over all files (keys chr(b) per byte value in bytes mode)."""
-    _check_encoding(encoding)
+    check_encoding(encoding)
     total = np.zeros(0, np.int64)  # (max code point + 1,)
     for path in _paths(paths):
         for piece in _chunks(path, encoding, chunk_bytes):
@@ -129,7 +132,7 @@ def encode_corpus(paths, vocab: Vocab, encoding: str = "utf-8", out: Path | None
                   chunk_bytes: int = CHUNK_BYTES) -> np.ndarray:
     """All files, in order, as one (N,) id array of vocab.id_dtype; a read-only memmap at
     `out` when given (written to a temporary name, then renamed, so no half file is left)."""
-    _check_encoding(encoding)
+    check_encoding(encoding)
     if (encoding == "bytes") != (vocab.kind == "bytes"):
         raise CorpusError(f"a {vocab.kind} vocabulary cannot encode a corpus read with encoding "
                           f"{encoding!r}; use --encoding bytes exactly when the model is bytes")
@@ -158,7 +161,7 @@ def encode_corpus(paths, vocab: Vocab, encoding: str = "utf-8", out: Path | None
 def read_lines(paths, encoding: str = "utf-8") -> list[str] | list[bytes]:
     """Non-empty lines of all files, newline ("\\n" or "\\r\\n") stripped.
     In bytes mode the lines are bytes, ready for a bytes Vocab's encode()."""
-    _check_encoding(encoding)
+    check_encoding(encoding)
     nl, cr = (b"\n", b"\r") if encoding == "bytes" else ("\n", "\r")
     lines = []
     for path in _paths(paths):
@@ -183,7 +186,7 @@ def fingerprint(paths) -> str:
     file): the checkpoint records it so a resume on a different corpus is caught."""
     h = hashlib.sha256()
     for path in _paths(paths):
-        _check_file(path)
+        check_file(path)
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)

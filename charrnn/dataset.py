@@ -17,6 +17,7 @@ import numpy as np
 from charrnn.config import TrainConfig
 from charrnn.data import (
     CorpusError,
+    check_encoding,
     encode_corpus,
     fingerprint,
     looks_like_lines,
@@ -52,6 +53,7 @@ class Dataset:
 
 def detect_lines(paths, encoding: str) -> bool:
     """Guess from the start of the first file whether the corpus is a list of short items."""
+    check_encoding(encoding)  # before decoding with it: an unknown name is the user's typo
     if encoding == "bytes":
         return False
     with open(paths[0], "rb") as f:
@@ -81,7 +83,10 @@ def build_dataset(paths, cfg: TrainConfig, vocab: Vocab | None = None,
             raise CorpusError(f"{paths[0]} has no non-empty lines")
         if vocab is None:
             vocab = Vocab.build(Counter("".join(items)), max_vocab=cfg.max_vocab, lines=True)
-        encoded = [np.asarray(vocab.encode(s)) for s in items]
+        try:
+            encoded = [np.asarray(vocab.encode(s)) for s in items]
+        except ValueError as e:
+            raise CorpusError(f"{', '.join(paths)}: {e}") from None
         tr, va, te = split_lines(len(items), cfg.val_frac, cfg.test_frac, cfg.test_count, cfg.split_seed)
         pick = lambda idx: [encoded[i] for i in idx]
         seen = sorted(set(items))

@@ -33,6 +33,8 @@ class NameFilter:
             raise ValueError(f"max-len ({self.max_len}) must be >= min-len ({self.min_len})")
         if len(self.start) > self.max_len:
             raise ValueError(f"start {self.start!r} is longer than max-len ({self.max_len})")
+        if len(self.contains) > self.max_len:
+            raise ValueError(f"contains {self.contains!r} is longer than max-len ({self.max_len})")
         return self
 
     def accepts(self, name: str, seen: set[str]) -> bool:

@@ -33,7 +33,7 @@ def read_run(run_dir: Path, label: str | None = None) -> Curves:
         raise ValueError(f"{run_dir} has no metrics.jsonl; pass a run directory made by "
                          "`charrnn train`")
     train, val = [], []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # bad bytes fail as bad JSON below
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -41,7 +41,7 @@ def read_run(run_dir: Path, label: str | None = None) -> Curves:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 raise ValueError(f"{path}:{n}: not a JSON line") from None
-            step = rec.get("step")
+            step = rec.get("step") if isinstance(rec, dict) else None
             if not isinstance(step, int):
                 continue
             if _finite(rec.get("train_loss")):
@@ -94,6 +94,9 @@ def loss_svg(runs: list[Curves], title: str = "", target: float | None = None,
         if y_max <= y_lo:
             raise ValueError(f"--y-max {y_max} is below every loss (lowest {y_lo:.4f})")
         y_hi = min(y_hi, y_max)
+    if not math.isfinite(y_hi - y_lo):
+        raise ValueError(f"the losses span too wide a range to draw ({y_lo:g} to {y_hi:g}); clip it "
+                         "with --y-max")
     yt = nice_ticks(y_lo, y_hi)
     # The step axis ends at the last step (a round end tick could add half a chart of
     # nothing); the loss axis at round values around the data.

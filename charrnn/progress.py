@@ -40,7 +40,7 @@ class Reporter:
         elif kind == "rollback":
             self.console.print(f"[yellow]step {ev['step']}: non-finite or exploding gradient "
                                f"(loss {ev['loss']:.4g}, |g| {ev['grad_norm']:.4g}); step skipped, "
-                               f"learning rate scaled to {ev['lr_scale']:g}x[/]")
+                               f"learning rate scaled to {ev['lr_scale']:g}x[/]", markup=True)
         elif kind == "end":
             self.close()
 

@@ -85,6 +85,14 @@ def vocab_from_meta(meta: dict) -> Vocab:
                             "specials": meta.get("specials", {})})
 
 
+def _section(meta: dict, key: str, default=None) -> dict:
+    """meta[key], which must be a JSON object (KeyError when missing and no default)."""
+    value = meta[key] if default is None else meta.get(key, default)
+    if not isinstance(value, dict):
+        raise TypeError(f"{key!r} is not an object")
+    return value
+
+
 class Loaded:
     """A checkpoint made usable: model, vocab, configs, metadata and its extra tensors."""
 
@@ -93,11 +101,22 @@ class Loaded:
 
         tensors, meta = checkpoint.load(path, keep_half=True)
         try:
-            self.model_cfg = from_dict(ModelConfig, meta["model"])
+            self.model_cfg = from_dict(ModelConfig, _section(meta, "model"))
             self.vocab = vocab_from_meta(meta)
             train = meta.get("train", {})
-            self.train_cfg = from_dict(TrainConfig, train.get("config", {}))
+            if not isinstance(train, dict):
+                raise TypeError("'train' is not an object")
+            self.train_cfg = from_dict(TrainConfig, _section(train, "config", {}))
             self.train_meta = train
+            for key in ("step", "epoch", "best_val", "elapsed_s"):  # shown by `info`
+                v = train.get(key)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                    raise TypeError(f"train.{key} is {v!r}, not a number")
+            if self.model_cfg.vocab_size != len(self.vocab):
+                raise ValueError(f"the model has {self.model_cfg.vocab_size} token ids but the "
+                                 f"vocabulary {len(self.vocab)}")
+            if self.train_cfg.lines and self.vocab.eos_id is None:
+                raise ValueError("a lines model without an <eos> token")
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path} has incomplete charrnn metadata ({e}); "
                                   "hint: the file is damaged; use another checkpoint") from None
@@ -108,10 +127,10 @@ class Loaded:
         # Weights stored in float16 (exported models): sampling streams them as float16 by
         # default, the very same values in half the bytes (the model computes in float32).
         self.stored_half = any(a.dtype == np.float16 for a in params.values())
+        backend = backend or get_backend(device)  # outside the try: a missing GPU is not a damaged file
         try:
-            self.model = CharRNN(self.model_cfg, params=params,
-                                 backend=backend or get_backend(device))
-        except ValueError as e:
+            self.model = CharRNN(self.model_cfg, params=params, backend=backend)
+        except (TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: {e}; hint: the file does not match its own config") from None
         self.tensors = {n: t for n, t in tensors.items() if n not in params}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -110,6 +111,9 @@ class Trainer:
         meta = dict(self.meta, train=self._train_meta())
         save_run_checkpoint(self.run_dir / f"{name}.safetensors", self.model, meta, extra)
 
+    # What restore() reads from a `latest` checkpoint (an exported or shipped model has none).
+    RESUME_KEYS = ("step", "epoch", "lr_scale", "norm_avg", "elapsed_s", "adam_t", "batcher", "rng")
+
     def restore(self, tensors: dict, train_meta: dict):
         """Continue from a `latest` checkpoint's training state (params are already loaded)."""
         be = self.model.backend
@@ -132,12 +136,23 @@ class Trainer:
         self._trim_metrics()
 
     def _trim_metrics(self):
-        """Drop metrics lines logged after the checkpoint we resume from (they will be redone)."""
+        """Drop metrics lines logged after the checkpoint we resume from (they will be redone),
+        and lines that are no record at all (a write cut short by a crash)."""
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+
+        def kept(line: str) -> bool:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                return False
+            return isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= self.step
+
+        keep = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip() and kept(ln)]
+        tmp = path.with_name(path.name + ".tmp")  # replaced in one step: a crash keeps the old file
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, path)
 
     # -- evaluation -------------------------------------------------------------------
     def evaluate(self, split="val") -> float | None:

@@ -118,7 +118,7 @@ class Vocab:
         """Ids for `text`: (N,) of id_dtype. Unseen characters -> <unk>, or ValueError."""
         if self.kind == "bytes":
             if isinstance(text, str):
-                text = text.encode("utf-8")
+                text = text.encode("utf-8", "surrogateescape")  # undecodable argv bytes: the bytes
             cps = np.frombuffer(bytes(text), np.uint8)  # (N,)
         else:
             if not isinstance(text, str):

@@ -223,3 +223,112 @@ def test_the_training_bar_says_why_the_first_steps_are_slow():
     rep({"kind": "start", "step": 0, "steps": 100})
     rep.close()
     assert plain.getvalue() == ""
+
+
+# ------------------------------------------------------------------ hostile input, found in review
+
+
+def test_user_text_in_a_message_is_not_read_as_markup(runner):
+    # rich markup in a path once crashed the error printer ("[/b]") or ate part of the line ("[red]")
+    _fails(runner, ["train", "x[/b].txt"], "corpus file not found: x[/b].txt")
+    _fails(runner, ["train", "x[red].txt"], "corpus file not found: x[red].txt")
+
+
+def test_non_finite_and_negative_numbers(runner, tmp_path):
+    (tmp_path / "play.txt").write_text(PROSE)
+    _fails(runner, ["train", "play.txt", "--lr", "nan"], "lr must be > 0, got nan")
+    _fails(runner, ["train", "play.txt", "--lr", "inf"], "lr must be > 0, got inf")
+    _fails(runner, ["train", "play.txt", "--epochs", "inf"], "epochs must be >= 0, got inf")
+    _fails(runner, ["train", "play.txt", "--grad-clip", "nan"], "grad_clip must be >= 0, got nan")
+    _fails(runner, ["train", "play.txt", "--seed", "-1"], "seed must be >= 0, got -1")
+    _fails(runner, ["train", "play.txt", "--lines", "--split-seed", "-1"], "split_seed must be >= 0, got -1")
+    _fails(runner, ["sample", "--seed", "-1"], "seed must be >= 0, got -1")
+    _fails(runner, ["names", "--seed", "-1"], "seed must be >= 0, got -1")
+    assert not Path("checkpoints").exists()
+
+
+def test_bad_encodings_and_a_directory_as_corpus(runner, tmp_path):
+    (tmp_path / "play.txt").write_text(PROSE)
+    _fails(runner, ["train", "play.txt", "--encoding", "nope"], "unknown encoding 'nope'")
+    _fails(runner, ["train", "play.txt", "--encoding", "rot13"], "unknown encoding 'rot13'")
+    _fails(runner, ["train", "play.txt", "--encoding", "utf-16"], "play.txt: not valid utf-16")
+    (tmp_path / "texts").mkdir()
+    _fails(runner, ["train", "texts"], "corpus path texts is a directory")
+
+
+def test_out_never_overwrites_a_run(runner, tmp_path):
+    (tmp_path / "play.txt").write_text(PROSE)
+    _train(runner, tmp_path / "play.txt", "--out", "mine", "--device", "numpy")
+    before = Path("mine/best.safetensors").read_bytes()
+    _fails(runner, ["train", "play.txt", "--out", "mine"], "--out mine already holds a run; hint: continue it")
+    assert Path("mine/best.safetensors").read_bytes() == before
+    _fails(runner, ["train", "play.txt", "--out", "play.txt"], "--out play.txt is a file")
+
+
+def test_resume_needs_training_state_and_its_corpus(runner, tmp_path):
+    (tmp_path / "moved.txt").write_text(PROSE)
+    _train(runner, tmp_path / "moved.txt", "--out", "run", "--device", "numpy")
+    Path("shared").mkdir()
+    _ok(runner.invoke(main, ["export", "run", "shared/latest.safetensors"]))
+    _fails(runner, ["train", "--resume", "shared", "--steps", "40"], "holds no training state")
+    with open("run/metrics.jsonl", "a") as f:
+        f.write('{"step": 4')  # a line cut short by a crash does not block the resume
+    _ok(runner.invoke(main, ["train", "--resume", "run", "--steps", "40"]))
+    assert all(json.loads(ln)["step"] <= 40 for ln in Path("run/metrics.jsonl").read_text().splitlines())
+    (tmp_path / "moved.txt").unlink()
+    _fails(runner, ["train", "--resume", "run", "--steps", "50"], "is not there any more; hint: pass the same files")
+
+
+def test_names_filters_that_no_name_can_pass(runner, tmp_path):
+    (tmp_path / "names.txt").write_text(NAMES)
+    _train(runner, tmp_path / "names.txt", "--device", "numpy")
+    ck = ["names", "-c", "checkpoints/names", "-n", "3", "--seed", "1"]
+    _fails(runner, [*ck, "--contains", "\u263a"], "is not in the model's vocabulary")
+    _fails(runner, [*ck, "--contains", "a" * 20], "is longer than max-len (16)")
+    res = _fails(runner, [*ck, "--start", "emma", "--contains", "ll", "--min-len", "5", "--max-len", "5"],
+                 "none of the candidates passed the filters; hint: loosen")
+    assert res.stdout == ""
+    _fails(runner, ["score", "-c", "checkpoints/names", "em\nma"], "spans several lines")
+
+
+def test_eval_of_an_empty_split(runner, tmp_path):
+    (tmp_path / "play.txt").write_text(PROSE)
+    _train(runner, tmp_path / "play.txt", "--device", "numpy")
+    _fails(runner, ["eval", "--split", "test"], "the run's test split has too little text to evaluate")
+    (tmp_path / "one.txt").write_text("A")
+    _fails(runner, ["eval", "one.txt"], "one.txt has too little text to evaluate")
+
+
+def test_plot_and_export_never_destroy_other_files(runner, tmp_path):
+    (tmp_path / "play.txt").write_text(PROSE)
+    _train(runner, tmp_path / "play.txt", "--device", "numpy")
+    run = "checkpoints/play"
+    _fails(runner, ["plot", run, "--target", "inf"], "--target must be a finite number, got inf")
+    _fails(runner, ["plot", run, "-o", "checkpoints"], "-o checkpoints is a directory")
+    _fails(runner, ["plot", run, "-o", "play.txt"], "exists and is not an SVG chart")
+    assert (tmp_path / "play.txt").read_text() == PROSE
+    _ok(runner.invoke(main, ["plot", run, "-o", "new/dir/loss.svg"]))
+    _ok(runner.invoke(main, ["plot", run, "-o", "new/dir/loss.svg"]))  # its own chart may be redrawn
+    _fails(runner, ["export", run, "play.txt"], "play.txt already exists; hint: pass --force")
+    assert (tmp_path / "play.txt").read_text() == PROSE
+    _fails(runner, ["export", run, "checkpoints"], "checkpoints is a directory")
+    _ok(runner.invoke(main, ["export", run, "small.safetensors"]))
+    _ok(runner.invoke(main, ["export", run, "small.safetensors", "--force"]))
+
+
+def test_damaged_metadata_and_undecodable_arguments(runner, tmp_path):
+    (tmp_path / "play.txt").write_text(PROSE)
+    _train(runner, tmp_path / "play.txt", "--device", "numpy", "--encoding", "bytes", "--out", "raw")
+    # an undecodable command-line byte (Python's surrogate escape) is that byte to a bytes model
+    _fails(runner, ["score", "-c", "raw", "\udcffab"], "byte 0xff is not in the model's vocabulary")
+    tensors, meta = checkpoint.load("raw/best.safetensors")
+    meta.pop("format_version")
+    for name, damage in {"train": lambda m: m.update(train=[1]),
+                         "vocab": lambda m: m.update(vocab=m["vocab"][:5]),
+                         "lines": lambda m: m["train"]["config"].update(lines=True),
+                         "step": lambda m: m["train"].update(epoch="x")}.items():
+        bad = json.loads(json.dumps(meta))
+        damage(bad)
+        checkpoint.save(f"{name}.safetensors", tensors, bad)
+        for cmd in (["info"], ["sample", "-n", "3"]):
+            _fails(runner, [*cmd, "-c", f"{name}.safetensors"], "has incomplete charrnn metadata")
