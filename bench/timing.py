@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 class Plan:
     repeats: int  # timed repeats
     target_s: float  # wanted length of one repeat
-    warmup: int = 2  # untimed calls of step(1); the first compiles, the last estimates
+    warmup: int = 2  # untimed calls of step(1); the first compiles, the last starts the estimate
     max_units: int = 100_000  # cap on units per repeat
 
 

@@ -2,15 +2,22 @@
 
 import os
 
-# Whether the user chose how idle OpenMP threads wait: then charrnn never changes it.
-USER_WAIT_POLICY = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
+# Whether the user chose how idle OpenMP threads wait: then charrnn never changes it. A
+# process started by one that imported charrnn inherits charrnn's own settings, marked by
+# CHARRNN_OMP: those are not the user's (and a sampling parent's spin count is dropped).
+_INHERITED = os.environ.get("CHARRNN_OMP") == "1"
+if _INHERITED:
+    os.environ.pop("GOMP_SPINCOUNT", None)
+USER_WAIT_POLICY = not _INHERITED and ("OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ)
 
 # Set before numpy and numba start their thread pools (an explicit user setting wins).
 # Our numba kernels and OpenBLAS's GEMMs alternate every time step; threads that spin after
 # finishing steal the other pool's cores. Measured on 2 cores, a 2-layer H=512 LSTM batch
 # (T=25, B=64): numba's OpenMP default 996 ms, passive waits 354 ms; OpenBLAS's threads
 # sleeping after 2^4 cycles instead of spinning: 336 -> 272 ms.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if not USER_WAIT_POLICY:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["CHARRNN_OMP"] = "1"
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 # Spin iterations of an idle OpenMP thread before it sleeps, for batch-1 generation:

@@ -146,7 +146,7 @@ RESUMABLE = {"steps", "eval_every", "patience", "device", "recompute"}
                    f"{TrainConfig.decay_every} steps); cosine (down to {TrainConfig.min_lr_frac:g} x --lr "
                    "at the last step)")
 @click.option("--warmup", type=int, default=TrainConfig.warmup, show_default=True,
-              help="steps of linear learning-rate warm-up from 0 to --lr; 0: none")
+              help="steps of linear learning-rate warm-up, up to --lr at the last of them; 0: none")
 @click.option("--steps", type=int, default=TrainConfig.steps, show_default=True,
               help="total optimizer steps of the run (with --resume: continue up to this)")
 @click.option("--epochs", type=float, default=TrainConfig.epochs, help="passes over the data (overrides --steps)")
@@ -339,7 +339,7 @@ def _resume(resume, corpus, opts, given):
     tcfg.validate()
     check_recompute(tcfg.recompute, loaded.model_cfg.layers)
     paths = list(corpus) or loaded.meta["corpus"]["paths"]
-    gone = [p for p in paths if not corpus and not Path(p).exists()]
+    gone = [] if corpus else [p for p in paths if not Path(p).exists()]
     if gone:
         raise UserError(f"the run's corpus file {gone[0]} is not there any more; hint: pass the same files after "
                         f"--resume: charrnn train --resume {shlex.quote(str(run_dir))} FILE...")
@@ -441,9 +441,9 @@ def names(ckpt, count, temp, top_k, top_p, seed, min_len, max_len, start, contai
     run.vocab.encode(contains)  # a character the model never writes: fail now, not after every try
     flt = NameFilter(min_len, max_len, start, contains, allow_seen)
     found = generate_names(run.model, run.vocab, count, flt, run.seen, temp, top_k, top_p, seed)
+    loosen = "loosen --min-len/--max-len/--start/--contains or raise --temp"
     if not found:
-        raise UserError("none of the candidates passed the filters; hint: loosen --min-len/--max-len/"
-                        "--start/--contains or raise --temp")
+        raise UserError(f"none of the candidates passed the filters; hint: {loosen}")
     shown = [s.title() for s in found] if lower else found
     if fmt == "json":
         _out(json.dumps(shown) + "\n")
@@ -456,8 +456,7 @@ def names(ckpt, count, temp, top_k, top_p, seed, min_len, max_len, start, contai
     else:
         _out("".join(s + "\n" for s in shown))
     if len(found) < count:
-        err.print(f"only {len(found)} of {count} names passed the filters; loosen --min-len/--max-len/"
-                  "--start/--contains or raise --temp")
+        err.print(f"only {len(found)} of {count} names passed the filters; {loosen}")
 
 
 # ---------------------------------------------------------------------------------- eval
@@ -640,9 +639,9 @@ def plot(runs, out_path, title, target, y_max, labels):
     out = Path(out_path)
     if out.is_dir():
         raise UserError(f"-o {out_path} is a directory; hint: pass a file name such as {out / 'loss.svg'}")
-    if out.exists():
-        with open(out, "rb") as f:
-            if f.read(4) != b"<svg":  # only ever replace a chart, never someone's other file
+    if out.exists() and out.stat().st_size:
+        with open(out, "rb") as f:  # only ever replace a chart (ours, or an XML one), never another file
+            if not f.read(5).startswith((b"<svg", b"<?xml")):
                 raise UserError(f"-o {out_path} exists and is not an SVG chart; hint: pick another -o")
     curves = [read_run(Path(r), labels[i] if labels else None) for i, r in enumerate(runs)]
     svg = loss_svg(curves, title=title, target=target, y_max=y_max)

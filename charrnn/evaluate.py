@@ -32,8 +32,10 @@ def evaluate_stream(model, ids, batch_size: int = 64, seq_len: int = 100, max_ch
         loss, _, n = model.loss(logits, y)
         total += loss * n
         count += int(n)
-    # The streams cover all but the last (N-1) mod B targets, which follow the last stream's
-    # end: score them from that stream's state, so every character counts.
+    # The streams (B' = min(B, (N-1) // seq_len) of them, S targets each) cover all but the last
+    # (N-1) - B'*S targets, which follow the last stream's end: score them from that stream's
+    # state, so every character counts. count is B'*S here, the index of the tail's first input.
+    # (The state is copied contiguous: the step kernels take C-ordered arrays.)
     if count < len(ids) - 1:
         xp = model.backend.xp
         last = State(xp.ascontiguousarray(state.h[:, -1:]),

@@ -53,6 +53,9 @@ def seen_tensor(seen: list[str]) -> np.ndarray:
 
 
 class Trainer:
+    # What restore() reads from a `latest` checkpoint (an exported or shipped model has none).
+    RESUME_KEYS = ("step", "epoch", "lr_scale", "norm_avg", "elapsed_s", "adam_t", "batcher", "rng")
+
     def __init__(self, model: CharRNN, data: Dataset, cfg, run_dir, meta: dict, callback=None):
         self.model, self.data, self.cfg = model, data, cfg
         check_recompute(cfg.recompute, model.cfg.layers)
@@ -110,9 +113,6 @@ class Trainer:
             extra["data.seen"] = seen_tensor(self.data.seen)
         meta = dict(self.meta, train=self._train_meta())
         save_run_checkpoint(self.run_dir / f"{name}.safetensors", self.model, meta, extra)
-
-    # What restore() reads from a `latest` checkpoint (an exported or shipped model has none).
-    RESUME_KEYS = ("step", "epoch", "lr_scale", "norm_avg", "elapsed_s", "adam_t", "batcher", "rng")
 
     def restore(self, tensors: dict, train_meta: dict):
         """Continue from a `latest` checkpoint's training state (params are already loaded)."""

@@ -164,7 +164,6 @@ def test_bad_input_raises_a_clear_error():
 # ---------------------------------------------------------------------------------- the CLI
 
 
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A tiny prose run and a tiny names run, trained once for the CLI tests."""

@@ -310,11 +310,33 @@ def test_zero_length_yields_nothing():
     ({}, "300000"),  # charrnn's choice for generation
     ({"OMP_WAIT_POLICY": "PASSIVE"}, None),  # the user's wait policy stands
     ({"GOMP_SPINCOUNT": "5"}, "5"),  # and so does the user's spin count
+    # what a process that imported charrnn passes on is charrnn's, not the user's
+    ({"OMP_WAIT_POLICY": "PASSIVE", "CHARRNN_OMP": "1"}, "300000"),
 ])
 def test_spin_for_generation_sets_the_spin_count_unless_the_user_chose(user_env, want):
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "CHARRNN_OMP")}
     code = ("import os, charrnn; charrnn.spin_for_generation(); "
             "print(os.environ.get('GOMP_SPINCOUNT'))")
     out = subprocess.run([sys.executable, "-c", code], env={**env, **user_env}, check=True,
                          capture_output=True, text=True).stdout.strip()
     assert out == str(want)
+
+
+def test_sample_sets_the_spin_count_before_it_loads_a_model(monkeypatch):
+    """libgomp reads the spin count when numba's pool starts, which loading and priming a model
+    may do: `charrnn sample` must ask for it first."""
+    from click.testing import CliRunner
+
+    import charrnn
+    from charrnn import cli
+
+    calls = []
+    monkeypatch.setattr(charrnn, "spin_for_generation", lambda: calls.append("spin"))
+
+    def load(*args, **kwargs):
+        calls.append("load")
+        raise cli.UserError("stop here")
+
+    monkeypatch.setattr(cli, "_load", load)
+    res = CliRunner().invoke(cli.main, ["sample", "-n", "5"])
+    assert res.exit_code == 1 and calls == ["spin", "load"]
