@@ -187,6 +187,10 @@ def train(ctx, corpus, out, resume, init_from, **opts):
         raise UserError("--resume continues a run, --init-from starts a new one from a checkpoint; pick one")
     if resume:
         trainer, run_dir = _resume(resume, corpus, opts, given)
+        if trainer.step >= trainer.cfg.steps:  # nothing to do: not an error (make, scripts)
+            err.print(f"{run_dir} already reached step {trainer.step} of {trainer.cfg.steps}; pass "
+                      f"--steps N (> {trainer.step}) to train further")
+            return
     else:
         trainer, run_dir = _new_run(corpus, out, opts, given, init_from)
     cfg = trainer.cfg
@@ -350,8 +354,6 @@ def _resume(resume, corpus, opts, given):
     meta = {k: v for k, v in loaded.meta.items() if k not in ("train", "format_version")}
     trainer = Trainer(loaded.model, data, tcfg, run_dir, meta)
     trainer.restore(loaded.tensors, loaded.train_meta)
-    if trainer.step >= tcfg.steps:
-        raise UserError(f"this run already reached step {trainer.step}; pass --steps N (> {trainer.step}) to continue")
     return trainer, run_dir
 
 

@@ -90,8 +90,9 @@ def test_resume_continues_to_new_step_count(runner, tmp_path):
     res = _ok(runner.invoke(main, ["train", "--resume", "checkpoints/play", "--steps", "40"]))
     assert "steps 30 -> 40" in res.output
     assert checkpoint.read_meta(Path("checkpoints/play/latest.safetensors"))["train"]["step"] == 40
-    again = runner.invoke(main, ["train", "--resume", "checkpoints/play"])
-    assert again.exit_code == 1 and "already reached step 40" in again.output
+    again = _ok(runner.invoke(main, ["train", "--resume", "checkpoints/play"]))  # nothing to do
+    assert "already reached step 40 of 40" in again.output
+    assert checkpoint.read_meta(Path("checkpoints/play/latest.safetensors"))["train"]["step"] == 40
     changed = runner.invoke(main, ["train", "--resume", "checkpoints/play", "--hidden", "32"])
     assert changed.exit_code == 1 and "--hidden cannot change when resuming" in changed.output
     # a second fresh run never overwrites the first
