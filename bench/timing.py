@@ -3,16 +3,15 @@
 A measurement is a `step(k)` callable that does k units of work (training steps, chunks of
 sampled characters, generate_names calls) and returns how many items (characters, names) it
 produced. The first call pays for numba's compilation or cache load and is never timed;
-the last warm-up call estimates a unit's time, from which the units per repeat are chosen
-so that a repeat lasts about `target_s`. A call can have a fixed cost besides its units
-(sampling prepares its weights once per `generate`: ~30 ms, against ~10 ms for a 50-character
-unit at 3x512), so a short estimate is redone with more units until it lasts a tenth of a
-repeat. Every repeat then gives one items-per-second rate.
+then the units per repeat are chosen so that a repeat lasts about `target_s`. A call can
+have a fixed cost besides its units (sampling prepares its weights once per `generate`:
+~30 ms, against ~10 ms for a 50-character unit at 3x512), so the estimate doubles a call's
+units until that adds a tenth of a repeat: the difference is units' time without the fixed
+cost. Every repeat then gives one items-per-second rate.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 class Plan:
     repeats: int  # timed repeats
     target_s: float  # wanted length of one repeat
-    warmup: int = 2  # untimed calls of step(1); the first compiles, the last starts the estimate
+    warmup: int = 2  # untimed calls of step(1); the first compiles
     max_units: int = 100_000  # cap on units per repeat
 
 
@@ -51,11 +50,21 @@ def measure(step, plan: Plan, sync=lambda: None) -> Timing:
         dt = timed(1)
         if i == 0:
             out.first_s = dt
+    # Double the call until doubling adds a tenth of a repeat: that difference is units'
+    # time without the call's fixed cost (and without compilation, if dt still held it).
     n, floor = 1, plan.target_s / 10
-    while dt < floor and n < plan.max_units:
-        n = min(plan.max_units, max(2 * n, math.ceil(n * floor / max(dt, 1e-9))))
-        dt = timed(n)
-    out.units = int(min(max(round(plan.target_s * n / max(dt, 1e-9)), 1), plan.max_units))
+    while n < plan.max_units:
+        m = min(2 * n, plan.max_units)
+        dt2 = timed(m)
+        if dt2 - dt >= floor or m == plan.max_units:
+            break
+        n, dt = m, dt2
+    if n < plan.max_units:
+        per_unit = max((dt2 - dt) / (m - n), 1e-12)
+        fixed = max(dt - n * per_unit, 0.0)
+        out.units = int(min(max(round((plan.target_s - fixed) / per_unit), 1), plan.max_units))
+    else:
+        out.units = plan.max_units
     for _ in range(plan.repeats):
         t0 = time.perf_counter()
         items = step(out.units)

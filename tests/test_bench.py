@@ -1,0 +1,86 @@
+"""The benchmark harness's own logic (bench/): repeat sizing, verdicts, the BENCHMARKS.md
+rewrite and the lever screen's option merging. Timing itself is never asserted here."""
+
+import pytest
+
+from bench import levers, timing
+from bench.report import NOTES_MARKER, Cell, ratio, update_file, verdict
+from bench.workloads import CHARRNN, TORCH, TORCH_NODNNL, Goal, Workload
+
+
+class FakeClock:
+    """perf_counter for timing.measure: a step of k units takes fixed + k * per_unit seconds."""
+
+    def __init__(self, fixed: float, per_unit: float, first_extra: float = 0.0):
+        self.now, self.fixed, self.per_unit, self.extra = 0.0, fixed, per_unit, first_extra
+        self.calls: list[int] = []
+
+    def step(self, k: int) -> int:
+        self.now += self.fixed + k * self.per_unit + (self.extra if not self.calls else 0.0)
+        self.calls.append(k)
+        return 10 * k  # items
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("fixed, per_unit", [(0.0, 0.01), (0.03, 0.01), (0.5, 0.001), (0.0, 5.0), (1e-6, 1e-9)])
+def test_a_repeat_lasts_about_the_target_despite_a_fixed_cost(monkeypatch, fixed, per_unit):
+    clock = FakeClock(fixed, per_unit, first_extra=20.0)  # the first call compiles
+    monkeypatch.setattr(timing.time, "perf_counter", clock.perf_counter)
+    plan = timing.Plan(repeats=3, target_s=3.0)
+    t = timing.measure(clock.step, plan)
+    assert t.first_s == pytest.approx(20.0 + fixed + per_unit)
+    assert len(t.rates) == 3 and 1 <= t.units <= plan.max_units
+    repeat_s = fixed + t.units * per_unit
+    if t.units == plan.max_units:  # units too cheap to fill a repeat
+        assert repeat_s < plan.target_s
+    elif fixed + per_unit < plan.target_s:
+        assert repeat_s == pytest.approx(plan.target_s, rel=0.02)
+    else:  # one unit is already more than a repeat
+        assert t.units == 1
+    assert t.rates[0] == pytest.approx(10 * t.units / repeat_s)
+
+
+def test_units_never_exceed_the_cap(monkeypatch):
+    clock = FakeClock(0.0, 1e-12)
+    monkeypatch.setattr(timing.time, "perf_counter", clock.perf_counter)
+    t = timing.measure(clock.step, timing.Plan(repeats=1, target_s=3.0, max_units=7))
+    assert t.units == 7 and max(clock.calls) == 7
+
+
+def _row(kind: str, value: float, unit: str = "chars/s") -> Workload:
+    return Workload("row", "row", "train", unit, Goal(kind, value, ""))
+
+
+def test_verdicts_use_the_faster_torch_path_and_lower_is_better_for_memory():
+    cells = {CHARRNN: Cell([300.0]), TORCH: Cell([100.0]), TORCH_NODNNL: Cell([200.0])}
+    assert ratio(_row("ratio_min", 1.3), cells) == pytest.approx(1.5)
+    assert verdict(_row("ratio_min", 1.4), cells) == "pass"
+    assert verdict(_row("ratio_min", 1.6), cells) == "**FAIL**"
+    rss = {CHARRNN: Cell([400.0]), TORCH: Cell([1000.0])}
+    assert verdict(_row("ratio_max", 0.5, "MiB"), rss) == "pass"
+    assert verdict(_row("abs_min", 500.0), cells) == "**FAIL**"
+    assert verdict(_row("ratio_min", 1.3), {CHARRNN: Cell([300.0])}) == "n/a"  # no torch
+
+
+def test_update_file_replaces_its_section_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    update_file(path, "gpu", "## GPU\nfirst gpu")
+    update_file(path, "cpu", "## CPU\nfirst cpu")
+    text = path.read_text().replace("hand-written notes", "")
+    path.write_text(text.replace(NOTES_MARKER, NOTES_MARKER + "\n\nmy hand-written note"))
+    update_file(path, "cpu", "## CPU\nsecond cpu")
+    out = path.read_text()
+    assert "second cpu" in out and "first cpu" not in out and "first gpu" in out
+    assert out.index("second cpu") < out.index("first gpu") < out.index(NOTES_MARKER)
+    assert "my hand-written note" in out.split(NOTES_MARKER, 1)[1]
+
+
+def test_lever_options_replace_or_add_to_the_baseline():
+    base = levers.options([])
+    assert base == levers.BASE
+    got = levers.options(["--embed", "256", "--residual", "--schedule", "constant"])
+    assert got[got.index("--embed") + 1] == "256" and got.count("--embed") == 1
+    assert "--residual" in got and got[got.index("--schedule") + 1] == "constant"
+    assert len(got) == len(base) + 3  # --residual and --schedule constant added, --embed replaced
