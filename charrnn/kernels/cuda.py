@@ -81,6 +81,11 @@ def _grid(n: int) -> int:
     return max(1, min((n + THREADS - 1) // THREADS, MAX_BLOCKS))
 
 
+def _launch(kernel, n: int, *args):
+    """A grid-stride kernel over n items, THREADS a block, its arrays wrapped by _dev."""
+    kernel[_grid(n), THREADS](*(_dev(a) for a in args))
+
+
 def _check_threads():
     if THREADS < 1 or THREADS > _RED or THREADS & (THREADS - 1):
         raise ValueError(f"THREADS must be a power of 2 in [1, {_RED}], got {THREADS}")
@@ -178,8 +183,7 @@ def _lstm_forward_step_kernel(xp, hp, b_hh, c_prev, act, c, h):
 
 def lstm_forward_step(xp, hp, b_hh, c_prev, act, c, h):
     """xp, hp (B,4H); b_hh (4H,); c_prev (B,H) -> act (B,4H) = [i,f,g,o] activated, c, h (B,H)."""
-    _lstm_forward_step_kernel[_grid(c.size), THREADS](
-        _dev(xp), _dev(hp), _dev(b_hh), _dev(c_prev), _dev(act), _dev(c), _dev(h))
+    _launch(_lstm_forward_step_kernel, c.size, xp, hp, b_hh, c_prev, act, c, h)
 
 
 @cuda.jit(cache=True)
@@ -203,8 +207,7 @@ def lstm_backward_step(act, c_prev, c, dh, dc, dpre):
     """act (B,4H); c_prev, c (B,H); dh (B,H): dL/dh_t in full.
     dc (B,H): in = dL/dc_t from step t+1, out = dL/dc_{t-1} (updated in place).
     dpre (B,4H) out: dL/d(pre-activation), which is both dL/dxp and dL/dhp."""
-    _lstm_backward_step_kernel[_grid(c.size), THREADS](
-        _dev(act), _dev(c_prev), _dev(c), _dev(dh), _dev(dc), _dev(dpre))
+    _launch(_lstm_backward_step_kernel, c.size, act, c_prev, c, dh, dc, dpre)
 
 
 @cuda.jit(cache=True)
@@ -226,8 +229,7 @@ def _gru_forward_step_kernel(xp, hp, b_hh, h_prev, act, hn, h):
 
 def gru_forward_step(xp, hp, b_hh, h_prev, act, hn, h):
     """xp, hp (B,3H); b_hh (3H,); h_prev (B,H) -> act (B,3H) = [r,z,n], hn (B,H) = W_hn h + b_hn, h (B,H)."""
-    _gru_forward_step_kernel[_grid(h.size), THREADS](
-        _dev(xp), _dev(hp), _dev(b_hh), _dev(h_prev), _dev(act), _dev(hn), _dev(h))
+    _launch(_gru_forward_step_kernel, h.size, xp, hp, b_hh, h_prev, act, hn, h)
 
 
 @cuda.jit(cache=True)
@@ -251,8 +253,7 @@ def _gru_backward_step_kernel(act, hn, h_prev, dh, dxp, dhp, dh_prev):
 def gru_backward_step(act, hn, h_prev, dh, dxp, dhp, dh_prev):
     """act (B,3H); hn, h_prev, dh (B,H) -> dxp (B,3H) = dL/dxp, dhp (B,3H) = dL/dhp (b_hh included),
     dh_prev (B,H) = the direct path z * dh (the W_hh path is added by the caller)."""
-    _gru_backward_step_kernel[_grid(dh.size), THREADS](
-        _dev(act), _dev(hn), _dev(h_prev), _dev(dh), _dev(dxp), _dev(dhp), _dev(dh_prev))
+    _launch(_gru_backward_step_kernel, dh.size, act, hn, h_prev, dh, dxp, dhp, dh_prev)
 
 
 @cuda.jit(cache=True)
@@ -266,7 +267,7 @@ def _rnn_forward_step_kernel(xp, hp, b_hh, h):
 
 def rnn_forward_step(xp, hp, b_hh, h):
     """xp, hp (B,H); b_hh (H,) -> h (B,H) = tanh(xp + hp + b_hh)."""
-    _rnn_forward_step_kernel[_grid(h.size), THREADS](_dev(xp), _dev(hp), _dev(b_hh), _dev(h))
+    _launch(_rnn_forward_step_kernel, h.size, xp, hp, b_hh, h)
 
 
 @cuda.jit(cache=True)
@@ -281,7 +282,7 @@ def _rnn_backward_step_kernel(h, dh, dpre):
 
 def rnn_backward_step(h, dh, dpre):
     """h, dh (B,H) -> dpre (B,H) = dL/d(pre-activation) = dL/dxp = dL/dhp."""
-    _rnn_backward_step_kernel[_grid(h.size), THREADS](_dev(h), _dev(dh), _dev(dpre))
+    _launch(_rnn_backward_step_kernel, h.size, h, dh, dpre)
 
 
 # ---------------------------------------------------------------- embedding table
@@ -299,7 +300,7 @@ def _gather_rows_kernel(table, ids, out):
 
 def gather_rows(table, ids, out):
     """table (V,D); ids (N,) int -> out (N,D) = table[ids]."""
-    _gather_rows_kernel[_grid(out.size), THREADS](_dev(table), _dev(ids), _dev(out))
+    _launch(_gather_rows_kernel, out.size, table, ids, out)
 
 
 @cuda.jit(cache=True)
@@ -314,7 +315,7 @@ def _scatter_add_rows_kernel(ids, d, out):
 
 def scatter_add_rows(ids, d, out):
     """ids (N,) int; d (N,D) -> out (V,D) += sum of d's rows into the rows named by ids."""
-    _scatter_add_rows_kernel[_grid(d.shape[1]), THREADS](_dev(ids), _dev(d), _dev(out))
+    _launch(_scatter_add_rows_kernel, d.shape[1], ids, d, out)
 
 
 # ---------------------------------------------------------------- block reductions
