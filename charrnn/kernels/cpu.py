@@ -666,13 +666,15 @@ def sum_squares_total(arrays):
 # ---------------------------------------------------------------- generation (batch 1)
 
 # generate_ids threads a layer from H = GEN_PAR_MIN_H, in work items of GEN_UNITS hidden
-# units (all their gate rows). Each threaded layer is one launch, ~10 us with passive waits.
-# 2 quiet cores, us per character, serial vs threaded (float32; float16 weights):
-# 2x128 LSTM 16 vs 42 (15 vs 40); 2x256 60 vs 73 (47 vs 65); 2x384 118 vs 112 (87 vs 94);
-# 2x512 201 vs 167 (175 vs 141); 3x512 443 vs 316 (273 vs 215). With the other core busy
-# threads lose even at 2x512. A fixed item size, not get_num_threads(): a function that
-# calls it cannot be cached (numba: "uses dynamic globals").
-GEN_PAR_MIN_H = 512
+# units (all their gate rows). Each threaded layer is one parallel launch: ~10-30 us to wake
+# a sleeping thread with passive waits, next to nothing when idle threads spin a while, as
+# `charrnn sample` has them do (charrnn.spin_for_generation). 2 quiet cores, spinning, us per
+# character, serial vs threaded (float32; float16 weights): 2x128 17.9 vs 19.3 (14.0 vs
+# 15.8); 2x192 37.2 vs 31.2 (28.9 vs 25.3); 2x256 56.8 vs 45.7 (42.8 vs 39.0); 2x384 130 vs
+# 88 (105 vs 75). With passive waits threads lost up to 2x384 (2x256: 60 vs 73), and with
+# the other core busy they lose even at 2x512. A fixed item size, not get_num_threads(): a
+# function that calls it cannot be cached (numba: "uses dynamic globals").
+GEN_PAR_MIN_H = 256
 GEN_UNITS = 32
 
 
