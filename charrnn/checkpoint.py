@@ -112,26 +112,33 @@ def save(path, tensors: dict[str, np.ndarray], meta: dict, half: bool = False) -
                               "hint: store only numbers, strings, lists and dicts in meta"
                               ) from None
     blob = safetensors.numpy.save(_prepare(tensors, half), metadata={META_KEY: text})
+    try:
+        write_atomic(path, blob)
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise CheckpointError(f"cannot write checkpoint {path} ({reason}); hint: check that "
+                              "the directory is writable and the disk has free space") from e
 
+
+def write_atomic(path, data: bytes) -> None:
+    """Replace `path` with `data` in one step (temp file, fsync, rename): a crash leaves the
+    old file or the new one, never a mix. Checkpoints, metrics and charts go through here."""
+    path = os.fspath(path)
     directory, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
     try:
         os.makedirs(directory, exist_ok=True)
         with open(tmp, "wb") as f:
-            f.write(blob)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
+    except BaseException:
         # Any failure, including KeyboardInterrupt, must not leave the temp file behind.
         try:
             os.remove(tmp)
         except OSError:
             pass
-        if isinstance(e, OSError):
-            reason = e.strerror or type(e).__name__
-            raise CheckpointError(f"cannot write checkpoint {path} ({reason}); hint: check that "
-                                  "the directory is writable and the disk has free space") from e
         raise
     _fsync_dir(directory)
 

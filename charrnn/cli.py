@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from charrnn import __version__
-from charrnn.checkpoint import CheckpointError
+from charrnn.checkpoint import CheckpointError, write_atomic
 from charrnn.config import ModelConfig, SampleConfig, TrainConfig, check_recompute
 from charrnn.data import CorpusError
 from charrnn.dynamic_eval import DYN_CLIP, DYN_DECAY, DYN_LR, DYN_SEQ_LEN
@@ -647,10 +647,7 @@ def plot(runs, out_path, title, target, y_max, labels):
                 raise UserError(f"-o {out_path} exists and is not an SVG chart; hint: pick another -o")
     curves = [read_run(Path(r), labels[i] if labels else None) for i, r in enumerate(runs)]
     svg = loss_svg(curves, title=title, target=target, y_max=y_max)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(svg)
-    os.replace(tmp, out)
+    write_atomic(out, svg.encode())  # creates missing parent directories
     err.print(f"wrote {out}")
 
 

@@ -103,9 +103,7 @@ class Loaded:
         try:
             self.model_cfg = from_dict(ModelConfig, _section(meta, "model"))
             self.vocab = vocab_from_meta(meta)
-            train = meta.get("train", {})
-            if not isinstance(train, dict):
-                raise TypeError("'train' is not an object")
+            train = _section(meta, "train", {})
             self.train_cfg = from_dict(TrainConfig, _section(train, "config", {}))
             self.train_meta = train
             for key in ("step", "epoch", "best_val", "elapsed_s"):  # shown by `info`

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -150,9 +149,7 @@ class Trainer:
             return isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= self.step
 
         keep = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip() and kept(ln)]
-        tmp = path.with_name(path.name + ".tmp")  # replaced in one step: a crash keeps the old file
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, path)
+        checkpoint.write_atomic(path, "".join(ln + "\n" for ln in keep).encode())
 
     # -- evaluation -------------------------------------------------------------------
     def evaluate(self, split="val") -> float | None:
