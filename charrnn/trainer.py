@@ -167,11 +167,14 @@ class Trainer:
         B = batch.x.shape[1]
         if batch.reset or self.state is None or self.state.h.shape[1] != B:
             self.state = model.zero_state(B)
-        logits, new_state, cache = model.forward(batch.x, self.state, train=True, rng=self.rng,
-                                                recompute=self.cfg.recompute)
-        loss, dlogits, n = model.loss(logits, batch.y, batch.mask)
-        grads = model.backward(cache, dlogits)
-        norm = clip_grad_norm(grads, self.cfg.grad_clip, self.kernels)
+        # Overflow is judged below (a bad step is skipped), so numpy's warnings would only
+        # print noise beside the trainer's own message.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            logits, new_state, cache = model.forward(batch.x, self.state, train=True, rng=self.rng,
+                                                    recompute=self.cfg.recompute)
+            loss, dlogits, n = model.loss(logits, batch.y, batch.mask)
+            grads = model.backward(cache, dlogits)
+            norm = clip_grad_norm(grads, self.cfg.grad_clip, self.kernels)
         exploded = self.step > 50 and self.norm_avg > 0 and norm > EXPLODE_FACTOR * self.norm_avg
         if not (math.isfinite(loss) and math.isfinite(norm)) or exploded:
             return loss, norm, n, False
@@ -217,6 +220,12 @@ class Trainer:
             batch = self.batcher.next()
             loss, norm, n, ok = self._train_step(batch)
             if not ok:
+                if not math.isfinite(loss):
+                    # Gates are bounded and the softmax is stable: only weights an earlier
+                    # update blew up (a learning rate far too high) make the loss itself
+                    # inf or nan. Skipping steps cannot mend them, so stop at once.
+                    raise TrainingDiverged(f"training diverged at step {self.step}: the loss is {loss}, "
+                                           "the weights have blown up; lower --lr")
                 rollbacks += 1
                 self.lr_scale *= 0.5
                 self.state = None

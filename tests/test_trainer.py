@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from charrnn.config import ModelConfig, TrainConfig
 from charrnn.dataset import build_dataset
 from charrnn.model import CharRNN
 from charrnn.runs import Loaded, run_meta
-from charrnn.trainer import Trainer
+from charrnn.trainer import Trainer, TrainingDiverged
 
 
 def _make(tmp_path, text, mcfg, tcfg, run="run", backend="cpu"):
@@ -97,6 +98,31 @@ def test_non_finite_step_is_skipped_and_lr_lowered(tmp_path):
     assert tr.step == 6 and tr.lr_scale == 0.5
     assert all(np.isfinite(p).all() for p in tr.model.params.values())
     assert calls["n"] == 7  # the bad step was redone with a fresh batch
+
+
+def test_blown_up_weights_stop_at_once_without_numpy_warnings(tmp_path):
+    """An update that blows the weights up (as a learning rate far too high does) makes the
+    next loss nan. Skipping steps cannot mend the weights, so the trainer stops at that step
+    with a message that names the cure, and numpy prints no warnings beside it."""
+    text = "abcabcabd " * 60
+    mcfg = ModelConfig(embed=4, hidden=8, layers=1)
+    tcfg = TrainConfig(batch_size=2, seq_len=8, steps=6, eval_every=5, warmup=1, schedule="constant", seed=0)
+    tr = _make(tmp_path, text, mcfg, tcfg)
+    events = []
+    tr.callback = events.append
+    real_step = tr.opt.step
+
+    def blowing_up(grads, lr):
+        real_step(grads, lr)
+        if tr.step == 1:  # the second update
+            tr.model.params["rnn.weight_hh_l0"][...] = np.inf
+
+    tr.opt.step = blowing_up
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning from numpy fails the test
+        with pytest.raises(TrainingDiverged, match="at step 2: the loss is nan.*lower --lr"):
+            tr.run()
+    assert not [e for e in events if e["kind"] == "rollback"]
 
 
 def test_checkpoints_hold_training_state_and_best(tmp_path):
