@@ -72,13 +72,18 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, cell, lines):
     assert steps == sorted(set(steps)) and steps[-1] == 24
 
 
-def test_non_finite_step_is_skipped_and_lr_lowered(tmp_path):
-    text = "abcabcabd " * 60
+def _watched_trainer(tmp_path):
+    """A tiny 6-step run on a constant learning rate, and the list its events go to."""
     mcfg = ModelConfig(embed=4, hidden=8, layers=1)
     tcfg = TrainConfig(batch_size=2, seq_len=8, steps=6, eval_every=3, warmup=1, schedule="constant", seed=0)
-    tr = _make(tmp_path, text, mcfg, tcfg)
+    tr = _make(tmp_path, "abcabcabd " * 60, mcfg, tcfg)
     events = []
     tr.callback = events.append
+    return tr, events
+
+
+def test_non_finite_step_is_skipped_and_lr_lowered(tmp_path):
+    tr, events = _watched_trainer(tmp_path)
     real_backward = tr.model.backward
     calls = {"n": 0}
 
@@ -87,10 +92,8 @@ def test_non_finite_step_is_skipped_and_lr_lowered(tmp_path):
         grads = real_backward(cache, dl)
         if calls["n"] == 3:  # one bad step in the middle of the run
             grads["decoder.bias"][0] = np.nan
-            before.update({n: p.copy() for n, p in tr.model.params.items()})
         return grads
 
-    before = {}
     tr.model.backward = poisoned
     tr.run()
     rollbacks = [e for e in events if e["kind"] == "rollback"]
@@ -104,12 +107,7 @@ def test_blown_up_weights_stop_at_once_without_numpy_warnings(tmp_path):
     """An update that blows the weights up (as a learning rate far too high does) makes the
     next loss nan. Skipping steps cannot mend the weights, so the trainer stops at that step
     with a message that names the cure, and numpy prints no warnings beside it."""
-    text = "abcabcabd " * 60
-    mcfg = ModelConfig(embed=4, hidden=8, layers=1)
-    tcfg = TrainConfig(batch_size=2, seq_len=8, steps=6, eval_every=5, warmup=1, schedule="constant", seed=0)
-    tr = _make(tmp_path, text, mcfg, tcfg)
-    events = []
-    tr.callback = events.append
+    tr, events = _watched_trainer(tmp_path)
     real_step = tr.opt.step
 
     def blowing_up(grads, lr):
