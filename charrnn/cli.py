@@ -83,10 +83,16 @@ def _ckpt_option(f):
                         help="checkpoint file or run directory (default: newest run, else the shipped model)")(f)
 
 
+# `names -n` above this runs on numba by default: its ~0.6 s start-up (warm cache) pays for
+# itself from about 600 names of the shipped 2x384 model (1.6 vs 2.6 ms a name; 5,000 names:
+# 7.8 s vs 14.2 s on plain numpy).
+NUMPY_NAMES_MAX = 500
+
+
 def _backend_name(device: str, small_job: bool = False) -> str:
-    """--device -> backend name. Small inference jobs (names, score) run on plain numpy by
-    default: numba's start-up (about 0.5 s warm, seconds of compiling on a cold cache) costs
-    more than its kernels save on a few batched steps."""
+    """--device -> backend name. Small inference jobs (score, a few hundred names) run on
+    plain numpy by default: numba's start-up (about 0.5 s warm, seconds of compiling on a
+    cold cache) costs more than its kernels save on a few batched steps."""
     from charrnn.backend import cuda_usable
 
     if device == "auto":
@@ -434,7 +440,7 @@ def names(ckpt, count, temp, top_k, top_p, seed, min_len, max_len, start, contai
     from charrnn.names import NameFilter, generate_names
 
     SampleConfig(temperature=temp, top_k=top_k, top_p=top_p, seed=seed).validate()
-    run = _load(ckpt, device, "names", small_job=True)
+    run = _load(ckpt, device, "names", small_job=count <= NUMPY_NAMES_MAX)
     if not run.lines:
         raise UserError(f"{run.path} is a prose model; `names` needs a model trained with --lines")
     lower = not any(t.isupper() for t in run.vocab.tokens if len(t) == 1)

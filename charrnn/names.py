@@ -88,9 +88,19 @@ def _decode_rows(vocab, out, length) -> list[str | None]:
     return [vocab.decode(out[b, : length[b]]) if length[b] >= 0 else None for b in range(B)]
 
 
+# A model runs out of new names it can write under the filters (3-letter names: a few hundred
+# that come often, then a trickle). After each window of YIELD_WINDOW candidates, generation
+# stops when that window's rate of new names could not reach n within the budget: without
+# that, `-n 100000 --max-len 3` runs out its 200-per-name budget (20 million candidates,
+# ~10 minutes) for a few more names.
+YIELD_WINDOW = 20_000
+
+
 def generate_names(model, vocab, n: int, flt: NameFilter, seen: set[str], temperature=0.8,
                    top_k=0, top_p=1.0, seed=None, batch=512, max_candidates=None) -> list[str]:
-    """Up to n distinct names passing `flt`, drawn with the given sampling settings."""
+    """Up to n distinct names passing `flt`, drawn with the given sampling settings. Stops
+    early after max_candidates tries (default 200 a name, at least 2,000), or when the new
+    names of the last YIELD_WINDOW tries show that, at that rate, n are out of the budget's reach."""
     if vocab.eos_id is None:
         raise ValueError("this model was not trained on lines (no end token); train with --lines")
     if n < 1:
@@ -102,8 +112,13 @@ def generate_names(model, vocab, n: int, flt: NameFilter, seen: set[str], temper
     budget = max_candidates or max(2000, 200 * n)
     found: list[str] = []
     taken: set[str] = set()
-    tried = 0
+    tried = window_start = window_found = 0
     while len(found) < n and tried < budget:
+        if tried - window_start >= YIELD_WINDOW:
+            rate = window_found / (tried - window_start)  # new names a candidate
+            if rate * (budget - tried) < n - len(found):
+                break  # out of reach at this rate
+            window_start, window_found = tried, 0
         B = min(batch, max(64, 2 * (n - len(found))))
         out, length = _round(model, vocab, prefix, B, steps, temperature, top_k, top_p, rng)
         tried += B
@@ -114,6 +129,7 @@ def generate_names(model, vocab, n: int, flt: NameFilter, seen: set[str], temper
             if name not in taken and flt.accepts(name, seen):
                 taken.add(name)
                 found.append(name)
+                window_found += 1
                 if len(found) == n:
                     break
     return found

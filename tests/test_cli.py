@@ -280,6 +280,22 @@ def test_resume_needs_training_state_and_its_corpus(runner, tmp_path):
     _fails(runner, ["train", "--resume", "run", "--steps", "50"], "is not there any more; hint: pass the same files")
 
 
+@pytest.mark.parametrize("count, backend", [(20, "reference"), (5000, "cpu")])
+def test_names_picks_numba_only_for_many_names(runner, monkeypatch, count, backend):
+    import charrnn.runs
+
+    chosen = []
+
+    def loaded(path, name):
+        chosen.append(name)
+        raise SystemExit(0)  # the choice is all this test reads
+
+    monkeypatch.setattr(charrnn.runs, "Loaded", loaded)
+    monkeypatch.setattr("charrnn.backend.cuda_usable", lambda: False)  # a GPU would take both
+    runner.invoke(main, ["names", "-n", str(count)])
+    assert chosen == [backend]
+
+
 def test_names_filters_that_no_name_can_pass(runner, tmp_path):
     (tmp_path / "names.txt").write_text(NAMES)
     _train(runner, tmp_path / "names.txt", "--device", "numpy")

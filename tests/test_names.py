@@ -7,6 +7,7 @@ import pytest
 
 from charrnn.config import ModelConfig
 from charrnn.model import CharRNN
+from charrnn import names as names_mod
 from charrnn.names import NameFilter, generate_names
 from charrnn.vocab import Vocab
 
@@ -121,6 +122,27 @@ def test_impossible_constraints_return_what_was_found(model_vocab):
     model, vocab = model_vocab
     out = generate_names(model, vocab, 5, NameFilter(contains="zz"), set(), seed=0, max_candidates=600)
     assert out == []
+
+
+def test_an_exhausted_model_stops_instead_of_running_out_a_huge_budget(model_vocab, monkeypatch):
+    """Names of at most 2 of 10 letters: 110 exist. Asking for ten million would mean a budget
+    of two billion candidates; generation stops after a window of YIELD_WINDOW candidates
+    that gives (almost) no new name."""
+    model, vocab = model_vocab
+    tried = []
+    real_round = names_mod._round
+
+    def counted(*args):  # args[3]: the round's candidates
+        tried.append(args[3])
+        assert sum(tried) < 5 * names_mod.YIELD_WINDOW, "still generating: not stopped"
+        return real_round(*args)
+
+    monkeypatch.setattr(names_mod, "_round", counted)
+    out = generate_names(model, vocab, 10_000_000, NameFilter(min_len=1, max_len=2), set(),
+                         temperature=2.0, seed=0)
+    assert 0 < len(out) <= 110 and len(set(out)) == len(out)
+    assert all(1 <= len(s) <= 2 for s in out)
+    assert sum(tried) >= names_mod.YIELD_WINDOW  # it judged a whole window, not less
 
 
 def test_bad_requests(model_vocab):
