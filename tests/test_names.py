@@ -5,9 +5,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from charrnn import names as names_mod
 from charrnn.config import ModelConfig
 from charrnn.model import CharRNN
-from charrnn import names as names_mod
 from charrnn.names import NameFilter, generate_names
 from charrnn.vocab import Vocab
 
