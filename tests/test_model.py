@@ -92,6 +92,18 @@ def test_dropout_is_inverted_and_off_at_eval():
     assert 0.3 < (dmask > 0).mean() < 0.7
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dropout_mask_values_and_rate(dtype):
+    from charrnn.model import _dropout_mask
+
+    p = 0.35
+    m = _dropout_mask(np.random.default_rng(1), (50, 40, 30), p, np.dtype(dtype))
+    assert m.dtype == dtype and m.shape == (50, 40, 30)
+    assert set(np.unique(m)) == {0, dtype(1 / (1 - p))}  # dropped, or kept and scaled
+    assert abs((m == 0).mean() - p) < 0.01  # 60,000 draws: sd of the rate ~0.002
+    assert abs(m.mean() - 1) < 0.02  # inverted dropout keeps the expectation
+
+
 def test_state_carries_across_windows():
     """Running T steps at once equals running them as two windows with the state carried."""
     cfg = ModelConfig(cell="lstm", vocab_size=9, embed=4, hidden=8, layers=2)
