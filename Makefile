@@ -56,7 +56,7 @@ train_stage = if [ -f $(1)/done ]; then echo "$(1): trained earlier"; \
 NAMES_RUN := checkpoints/runs/names-2017
 names-model: corpora
 	$(call train_stage,$(NAMES_RUN),corpora/names.txt --lines --cell lstm --layers 2 --hidden 384 \
-	  --embed 48 --dropout 0.4 --rec-dropout 0.15 --weight-decay 0.1 --batch-size 64 --lr 3e-3 \
+	  --embed 48 --no-residual --dropout 0.4 --rec-dropout 0.15 --weight-decay 0.1 --batch-size 64 --lr 3e-3 \
 	  --warmup 200 --steps 12000 --eval-every 500 --val-frac 0.05 --test-count 1000 --seed 1337)
 	$(BIN)/charrnn export --force $(NAMES_RUN) checkpoints/names/model.safetensors
 	$(BIN)/charrnn eval -c $(NAMES_RUN) --split test
@@ -65,7 +65,7 @@ names-model: corpora
 # best checkpoint by validation loss is evaluated on the test split.
 train-names: $(STAMP)
 	$(call train_stage,checkpoints/runs/makemore-names,../shared/corpora/names.txt --lines \
-	  --cell lstm --layers 2 --hidden 384 --embed 48 --dropout 0.4 --rec-dropout 0.15 \
+	  --cell lstm --layers 2 --hidden 384 --embed 48 --no-residual --dropout 0.4 --rec-dropout 0.15 \
 	  --weight-decay 0.1 --batch-size 64 --lr 3e-3 --warmup 200 --steps 12000 --eval-every 500 \
 	  --val-frac 0.05 --test-count 1000 --split-seed 3407 --seed 1337)
 	$(BIN)/charrnn eval -c checkpoints/runs/makemore-names --split test
@@ -107,7 +107,7 @@ WIKI_RUN := checkpoints/runs/enwiki-2x512
 
 train-wiki: $(STAMP)
 	$(call train_stage,$(WIKI_RUN),../shared/corpora/enwiki_sample.txt --encoding bytes --layers 2 \
-	  --hidden 512 --embed 64 --dropout 0.1 --weight-decay 0.05 --batch-size 64 --seq-len 100 \
+	  --hidden 512 --embed 64 --no-residual --dropout 0.1 --weight-decay 0.05 --batch-size 64 --seq-len 100 \
 	  --lr 2e-3 --warmup 100 --steps 1100 --eval-every 100 --eval-max-chars 200000 --val-frac 0.1 \
 	  --seed 1337)
 	$(BIN)/charrnn eval -c $(WIKI_RUN) --split val

@@ -49,8 +49,9 @@ def vocab_for(w: Workload) -> Vocab:
 
 
 def model_config(w: Workload) -> ModelConfig:
+    # torch's nn.LSTM: E=H, no residual connections (not charrnn's defaults)
     return ModelConfig(cell="lstm", vocab_size=w.vocab, embed=w.hidden, hidden=w.hidden,
-                       layers=w.layers)
+                       layers=w.layers, residual=False)
 
 
 def random_params(w: Workload, seed: int = 0) -> dict[str, np.ndarray]:

@@ -82,5 +82,11 @@ def test_lever_options_replace_or_add_to_the_baseline():
     assert base == levers.BASE
     got = levers.options(["--embed", "256", "--residual", "--schedule", "constant"])
     assert got[got.index("--embed") + 1] == "256" and got.count("--embed") == 1
-    assert "--residual" in got and got[got.index("--schedule") + 1] == "constant"
-    assert len(got) == len(base) + 3  # --residual and --schedule constant added, --embed replaced
+    assert "--residual" in got and "--no-residual" not in got  # an on/off pair is one option
+    assert got[got.index("--schedule") + 1] == "constant"
+    assert len(got) == len(base) + 2  # --schedule constant added, --embed and --no-residual replaced
+
+
+def test_each_lever_is_compared_with_its_own_cell():
+    assert levers.reference("residual") == "baseline" and levers.reference("baseline") == "baseline"
+    assert levers.reference("GRU, embed 256, residual") == "GRU" and levers.reference("RNN") == "RNN"

@@ -64,7 +64,8 @@ def _peak_bytes(model, ids, recompute):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_recomputing_lower_layers_lowers_the_peak(cell):
-    cfg = ModelConfig(cell=cell, layers=3, hidden=64, embed=64, vocab_size=20)
+    # no residual: its sums (T,B,H) a layer are kept either way and would blur the ratios
+    cfg = ModelConfig(cell=cell, layers=3, hidden=64, embed=64, vocab_size=20, residual=False)
     model = CharRNN(cfg, backend=get_backend("cpu"), seed=1)
     ids = np.random.default_rng(2).integers(0, 20, (65, 32))  # T=64, B=32: activations dominate
     peaks = [_peak_bytes(model, ids, n) for n in (0, 1, 2)]
