@@ -3,9 +3,9 @@
 Never loses work: `latest.safetensors` (with optimizer moments, RNG and batcher state and the
 carried hidden state) is written atomically at every eval and on interruption, so a resumed
 run continues bit-identically; `best.safetensors` tracks the lowest validation loss. A step
-whose loss or gradient is not finite, or whose gradient norm explodes, is not applied: the
-parameters stay at the last good state, the learning rate is halved, and the callback hears
-about it. Progress goes to a callback and to `metrics.jsonl`; this module prints nothing.
+whose gradient is not finite or explodes is not applied: the parameters stay at the last
+good state, the learning rate is halved, and the callback hears about it. A loss that is not
+finite or far above guessing means the weights have already blown up: the run stops. Progress goes to a callback and to `metrics.jsonl`; this module prints nothing.
 
 Dimension letters: T=time, B=batch, L=layers, H=hidden.
 """
@@ -33,6 +33,9 @@ from charrnn.optim import Adam, clip_grad_norm, lr_at
 LOG_EVERY = 10  # steps between metrics.jsonl lines
 EXPLODE_FACTOR = 100.0  # a gradient norm this many times its running average is an explosion
 MAX_ROLLBACKS = 8  # consecutive bad steps before giving up
+# A loss this many times that of guessing uniformly (ln V nats, at least 1) means blown-up
+# weights: a model starts near ln V and only falls from there.
+BLOWN_UP_FACTOR = 4.0
 
 
 class TrainingDiverged(RuntimeError):
@@ -176,13 +179,19 @@ class Trainer:
             grads = model.backward(cache, dlogits)
             norm = clip_grad_norm(grads, self.cfg.grad_clip, self.kernels)
         exploded = self.step > 50 and self.norm_avg > 0 and norm > EXPLODE_FACTOR * self.norm_avg
-        if not (math.isfinite(loss) and math.isfinite(norm)) or exploded:
+        if self._blown_up(loss) or not math.isfinite(norm) or exploded:
             return loss, norm, n, False
         lr = lr_at(self.step, self.cfg) * self.lr_scale
         self.opt.step(grads, lr)
         self.norm_avg = norm if self.norm_avg == 0 else 0.98 * self.norm_avg + 0.02 * norm
         self.state = new_state
         return loss, norm, n, True
+
+    def _uniform_loss(self) -> float:
+        return math.log(len(self.data.vocab))
+
+    def _blown_up(self, loss: float) -> bool:
+        return not loss <= BLOWN_UP_FACTOR * max(self._uniform_loss(), 1.0)  # nan too
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> str:
@@ -220,11 +229,14 @@ class Trainer:
             batch = self.batcher.next()
             loss, norm, n, ok = self._train_step(batch)
             if not ok:
-                if not math.isfinite(loss):
+                if self._blown_up(loss):
                     # Gates are bounded and the softmax is stable: only weights an earlier
                     # update blew up (a learning rate far too high) make the loss itself
-                    # inf or nan. Skipping steps cannot mend them, so stop at once.
-                    raise TrainingDiverged(f"training diverged at step {self.step}: the loss is {loss}, "
+                    # inf, nan or far above guessing. Skipping steps cannot mend them, so
+                    # stop at once.
+                    why = (f", over {BLOWN_UP_FACTOR:g}x the {self._uniform_loss():.2f} of guessing uniformly"
+                           if math.isfinite(loss) else "")
+                    raise TrainingDiverged(f"training diverged at step {self.step}: the loss is {loss:.4g}{why}; "
                                            "the weights have blown up; lower --lr")
                 rollbacks += 1
                 self.lr_scale *= 0.5

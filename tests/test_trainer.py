@@ -103,22 +103,29 @@ def test_non_finite_step_is_skipped_and_lr_lowered(tmp_path):
     assert calls["n"] == 7  # the bad step was redone with a fresh batch
 
 
-def test_blown_up_weights_stop_at_once_without_numpy_warnings(tmp_path):
+@pytest.mark.parametrize("name,value,says", [
+    ("rnn.weight_hh_l0", np.inf, "the loss is nan;"),
+    # finite but absurd: the decoder's logits are in the hundreds
+    ("decoder.weight", 300.0, r"the loss is [0-9.]+, over 4x the 1.61 of guessing uniformly;"),
+])
+def test_blown_up_weights_stop_at_once_without_numpy_warnings(tmp_path, name, value, says):
     """An update that blows the weights up (as a learning rate far too high does) makes the
-    next loss nan. Skipping steps cannot mend the weights, so the trainer stops at that step
-    with a message that names the cure, and numpy prints no warnings beside it."""
+    next loss nan, or finite but far above guessing. Skipping steps cannot mend the weights,
+    so the trainer stops at that step with a message that names the cure, and numpy prints
+    no warnings beside it."""
     tr, events = _watched_trainer(tmp_path)
     real_step = tr.opt.step
 
     def blowing_up(grads, lr):
         real_step(grads, lr)
         if tr.step == 1:  # the second update
-            tr.model.params["rnn.weight_hh_l0"][...] = np.inf
+            w = tr.model.params[name]
+            w[...] = value * np.sign(np.random.default_rng(0).standard_normal(w.shape))
 
     tr.opt.step = blowing_up
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a RuntimeWarning from numpy fails the test
-        with pytest.raises(TrainingDiverged, match="at step 2: the loss is nan.*lower --lr"):
+        with pytest.raises(TrainingDiverged, match=f"at step 2: {says} the weights have blown up; lower --lr"):
             tr.run()
     assert not [e for e in events if e["kind"] == "rollback"]
 
