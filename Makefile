@@ -98,9 +98,11 @@ shakespeare-model: $(SHAKESPEARE_RUN2)/done
 	$(BIN)/charrnn eval -c checkpoints/shakespeare/model.safetensors --split val
 
 # Short screening runs of quality levers (residual, embedding, window shape, schedule, dropout)
-# on tiny Shakespeare; writes docs/levers.md.
+# on tiny Shakespeare; writes docs/levers.md, and docs/levers-cells.md for GRU and RNN.
 levers: $(STAMP)
 	$(BIN)/python -m bench.levers --steps 300 --only "baseline,embed 16,embed 256,residual,no dropout,dropout 0.3,rec-dropout 0.1,weight decay 0.1,T=50 B=128,T=200 B=32,constant lr"
+	$(BIN)/python -m bench.levers --steps 300 --report docs/levers-cells.md \
+	  --only "baseline,embed 256 + residual,GRU,GRU + embed 256 + residual,RNN,RNN + embed 256 + residual"
 
 # Bits per byte on the Wikipedia XML sample (last 10% validation), with samples.
 WIKI_RUN := checkpoints/runs/enwiki-2x512

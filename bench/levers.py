@@ -43,12 +43,12 @@ LEVERS = {
     "T=200 B=32": ["--seq-len", "200", "--batch-size", "32"],
     "constant lr": ["--schedule", "constant"],
     "lr 4e-3": ["--lr", "4e-3"],
-    "embed 256, residual": ["--embed", "256", "--residual"],
+    "embed 256 + residual": ["--embed", "256", "--residual"],
     # the other cells: each against its own cell-only row
     "GRU": ["--cell", "gru"],
-    "GRU, embed 256, residual": ["--cell", "gru", "--embed", "256", "--residual"],
+    "GRU + embed 256 + residual": ["--cell", "gru", "--embed", "256", "--residual"],
     "RNN": ["--cell", "rnn"],
-    "RNN, embed 256, residual": ["--cell", "rnn", "--embed", "256", "--residual"],
+    "RNN + embed 256 + residual": ["--cell", "rnn", "--embed", "256", "--residual"],
 }
 
 

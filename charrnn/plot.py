@@ -17,6 +17,7 @@ from xml.sax.saxutils import escape
 COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9")
 WIDTH, HEIGHT = 760, 420
 MARGIN = {"left": 64, "right": 24, "top": 40, "bottom": 52}
+CHAR_W, LEGEND_KEY = 7.0, 30  # px: a legend character; the line sample and its gap
 
 
 @dataclass
@@ -143,11 +144,14 @@ def loss_svg(runs: list[Curves], title: str = "", target: float | None = None,
                         for s, v in pts_ if v <= y1]
             best = f" (best {min(v for _, v in pts_):.4f})" if kind == "val" else ""
             legend.append((colour, width, f"{run.label} {kind}{best}"))
-    for j, (colour, width, text) in enumerate(legend):  # top-right, inside the frame
+    # top-right, inside the frame, as wide as its longest entry (SVG cannot measure text:
+    # CHAR_W is a generous average glyph width of 12px sans-serif)
+    x_key = max(L + 8, R - 10 - LEGEND_KEY - CHAR_W * max((len(t) for *_, t in legend), default=0))
+    for j, (colour, width, text) in enumerate(legend):
         y = T + 16 + 16 * j
-        out.append(f'<line x1="{R - 230}" x2="{R - 206}" y1="{y - 4}" y2="{y - 4}" '
+        out.append(f'<line x1="{x_key:.1f}" x2="{x_key + 24:.1f}" y1="{y - 4}" y2="{y - 4}" '
                    f'stroke="{colour}" stroke-width="{width}"/>')
-        out.append(f'<text x="{R - 200}" y="{y}">{escape(text)}</text>')
+        out.append(f'<text x="{x_key + LEGEND_KEY:.1f}" y="{y}">{escape(text)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 

@@ -89,4 +89,4 @@ def test_lever_options_replace_or_add_to_the_baseline():
 
 def test_each_lever_is_compared_with_its_own_cell():
     assert levers.reference("residual") == "baseline" and levers.reference("baseline") == "baseline"
-    assert levers.reference("GRU, embed 256, residual") == "GRU" and levers.reference("RNN") == "RNN"
+    assert levers.reference("GRU + embed 256 + residual") == "GRU" and levers.reference("RNN") == "RNN"

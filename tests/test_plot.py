@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from charrnn.cli import main
-from charrnn.plot import HEIGHT, MARGIN, WIDTH, loss_svg, nice_ticks, read_run
+from charrnn.plot import CHAR_W, HEIGHT, MARGIN, WIDTH, loss_svg, nice_ticks, read_run
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -87,6 +87,15 @@ def test_svg_draws_every_curve_inside_the_frame(tmp_path):
     texts = [t.text for t in root.iter(f"{SVG}text")]
     assert "two runs" in texts and "target 1.4" in texts
     assert any(t.startswith("a val (best ") for t in texts)
+
+
+@pytest.mark.parametrize("label", ["a", "checkpoints/runs/shakespeare-3x512-residual-stage2"])
+def test_the_legend_fits_inside_the_frame(tmp_path, label):
+    c = read_run(_write_run(tmp_path / "a", _records()), label=label)
+    root = ET.fromstring(loss_svg([c]))
+    entry = next(t for t in root.iter(f"{SVG}text") if t.text.startswith(f"{label} val (best "))
+    x = float(entry.get("x"))
+    assert MARGIN["left"] < x and x + CHAR_W * len(entry.text) <= WIDTH - MARGIN["right"]
 
 
 def test_y_max_clips_the_axis_and_rejects_a_limit_below_every_loss(tmp_path):
