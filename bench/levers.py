@@ -59,7 +59,7 @@ def _cell(extra: list[str]) -> str:
 def reference(name: str) -> str:
     """The row a lever is compared with: the baseline, or for another cell its cell-only row."""
     cell = _cell(LEVERS[name])
-    return next(n for n, e in LEVERS.items() if e == ([] if cell == "lstm" else ["--cell", cell]))
+    return next((n for n, e in LEVERS.items() if e == ([] if cell == "lstm" else ["--cell", cell])), "baseline")
 
 
 def _switch(flag: str) -> str:

@@ -23,7 +23,7 @@ from rich.markup import escape
 
 from charrnn import __version__
 from charrnn.checkpoint import CheckpointError, write_atomic
-from charrnn.config import ModelConfig, SampleConfig, TrainConfig, check_recompute
+from charrnn.config import ARCHITECTURE, ModelConfig, SampleConfig, TrainConfig, check_recompute
 from charrnn.data import CorpusError
 from charrnn.dynamic_eval import DYN_CLIP, DYN_DECAY, DYN_LR, DYN_SEQ_LEN
 
@@ -250,7 +250,6 @@ def _fresh_dir(base: Path) -> Path:
 
 # What --init-from takes from the checkpoint. The architecture and vocabulary must match its
 # weights; dropout and the corpus framing default to the checkpoint's but may be overridden.
-ARCHITECTURE = ("cell", "embed", "hidden", "layers", "residual")
 INHERITED = {"model": ("dropout", "rec_dropout"), "train": ("lines", "encoding")}
 
 

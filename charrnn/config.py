@@ -150,12 +150,17 @@ def to_dict(cfg) -> dict:
     return asdict(cfg)
 
 
-# What a checkpoint written before a field existed meant by its absence, where that is not
-# today's default: those models had no residual connections.
-BEFORE_FIELD = {ModelConfig: {"residual": False}}
+# The fields that fix what a model's weights compute. A checkpoint must state each: a
+# default filled in for a missing one could silently build another network around them.
+ARCHITECTURE = ("cell", "vocab_size", "embed", "hidden", "layers", "residual")
 
 
 def from_dict(cls, data: dict):
-    """Build a config from a checkpoint's JSON, ignoring keys this version does not know."""
+    """Build a config from a checkpoint's JSON, ignoring keys this version does not know.
+    A model config missing an ARCHITECTURE field raises ValueError."""
+    if cls is ModelConfig:
+        missing = [k for k in ARCHITECTURE if k not in data]
+        if missing:
+            raise ValueError(f"the model section lacks {', '.join(missing)}")
     known = {f.name for f in fields(cls)}
-    return cls(**{**BEFORE_FIELD.get(cls, {}), **{k: v for k, v in data.items() if k in known}})
+    return cls(**{k: v for k, v in data.items() if k in known})

@@ -5,7 +5,8 @@ carried hidden state) is written atomically at every eval and on interruption, s
 run continues bit-identically; `best.safetensors` tracks the lowest validation loss. A step
 whose gradient is not finite or explodes is not applied: the parameters stay at the last
 good state, the learning rate is halved, and the callback hears about it. A loss that is not
-finite or far above guessing means the weights have already blown up: the run stops. Progress goes to a callback and to `metrics.jsonl`; this module prints nothing.
+finite, or far above where the run started, means the weights have already blown up: the
+run stops. Progress goes to a callback and to `metrics.jsonl`; this module prints nothing.
 
 Dimension letters: T=time, B=batch, L=layers, H=hidden.
 """
@@ -33,8 +34,9 @@ from charrnn.optim import Adam, clip_grad_norm, lr_at
 LOG_EVERY = 10  # steps between metrics.jsonl lines
 EXPLODE_FACTOR = 100.0  # a gradient norm this many times its running average is an explosion
 MAX_ROLLBACKS = 8  # consecutive bad steps before giving up
-# A loss this many times that of guessing uniformly (ln V nats, at least 1) means blown-up
-# weights: a model starts near ln V and only falls from there.
+# A loss this many times the run's starting point (its first loss, or that of guessing
+# uniformly, ln V nats, or 2 nats, whichever is highest) means blown-up weights: a model
+# starts near ln V (or, fine-tuned, at its first loss) and only falls from there.
 BLOWN_UP_FACTOR = 4.0
 
 
@@ -79,6 +81,7 @@ class Trainer:
         self.best_val = math.inf
         self.evals_without_gain = 0
         self.lr_scale = 1.0
+        self.loss_ceiling: float | None = None  # from the run's first finite loss (BLOWN_UP_FACTOR)
         self.norm_avg = 0.0
         self.elapsed = 0.0
         self._stop = threading.Event()
@@ -187,11 +190,10 @@ class Trainer:
         self.state = new_state
         return loss, norm, n, True
 
-    def _uniform_loss(self) -> float:
-        return math.log(len(self.data.vocab))
-
     def _blown_up(self, loss: float) -> bool:
-        return not loss <= BLOWN_UP_FACTOR * max(self._uniform_loss(), 1.0)  # nan too
+        if self.loss_ceiling is None and math.isfinite(loss):
+            self.loss_ceiling = BLOWN_UP_FACTOR * max(loss, math.log(len(self.data.vocab)), 2.0)
+        return not (self.loss_ceiling is not None and loss <= self.loss_ceiling)  # nan too
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> str:
@@ -234,7 +236,7 @@ class Trainer:
                     # update blew up (a learning rate far too high) make the loss itself
                     # inf, nan or far above guessing. Skipping steps cannot mend them, so
                     # stop at once.
-                    why = (f", over {BLOWN_UP_FACTOR:g}x the {self._uniform_loss():.2f} of guessing uniformly"
+                    why = (f", over {self.loss_ceiling:.4g} ({BLOWN_UP_FACTOR:g}x where the run started)"
                            if math.isfinite(loss) else "")
                     raise TrainingDiverged(f"training diverged at step {self.step}: the loss is {loss:.4g}{why}; "
                                            "the weights have blown up; lower --lr")

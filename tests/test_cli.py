@@ -351,7 +351,7 @@ def test_damaged_metadata_and_undecodable_arguments(runner, tmp_path):
             _fails(runner, [*cmd, "-c", f"{name}.safetensors"], "has incomplete charrnn metadata")
 
 
-def test_default_architecture_and_checkpoints_from_before_it(runner, tmp_path):
+def test_default_architecture_and_checkpoints_that_do_not_state_theirs(runner, tmp_path):
     (tmp_path / "play.txt").write_text(PROSE)
     args = ["train", "play.txt", "--layers", "2", "--hidden", "16", "--batch-size", "4", "--seq-len", "16",
             "--steps", "4", "--eval-every", "4"]
@@ -359,13 +359,9 @@ def test_default_architecture_and_checkpoints_from_before_it(runner, tmp_path):
     model = json.loads(_ok(runner.invoke(main, ["info", "--json", "-c", "new"])).output)["model"]
     assert (model["embed"], model["residual"]) == (256, True)
 
-    # A checkpoint written before the `residual` key existed had no residual connections:
-    # without the key it still loads as such, whatever today's default.
-    _ok(runner.invoke(main, [*args, "--no-residual", "--out", "old"]))
-    path = tmp_path / "old" / "best.safetensors"
-    before = _ok(runner.invoke(main, ["eval", "-c", str(path)])).output
+    # Every checkpoint states its architecture: without a field, no default is guessed.
+    path = tmp_path / "new" / "best.safetensors"
     tensors, meta = checkpoint.load(path)
     del meta["model"]["residual"]
     checkpoint.save(path, tensors, meta)
-    assert json.loads(_ok(runner.invoke(main, ["info", "--json", "-c", str(path)])).output)["model"]["residual"] is False
-    assert _ok(runner.invoke(main, ["eval", "-c", str(path)])).output == before
+    _fails(runner, ["eval", "-c", str(path)], "incomplete charrnn metadata (the model section lacks residual)")

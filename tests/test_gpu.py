@@ -202,9 +202,10 @@ def test_persistent_float64_matches_reference_tightly(cell, units):
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("persistent", [True, False])
-def test_one_training_step_cpu_vs_gpu(cell, persistent):
+@pytest.mark.parametrize("residual", [True, False])
+def test_one_training_step_cpu_vs_gpu(cell, persistent, residual):
     cfg = ModelConfig(cell=cell, vocab_size=V, embed=64, hidden=H, layers=2, dropout=0.1,
-                      rec_dropout=0.1)
+                      rec_dropout=0.1, residual=residual)
     # eps=1e-3: Adam's first step is g / (|g| + eps), continuous in g; with 1e-8 it is
     # sign(g), and a gradient near 0 whose sign differs by summation order moves by +-lr.
     tcfg = TrainConfig(lr=2e-3, weight_decay=0.01, grad_clip=1.0, eps=1e-3)

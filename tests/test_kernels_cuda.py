@@ -389,12 +389,12 @@ def _model_step(be, cfg, params, ids, targets, rng_seed):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("persistent", [True, False])
-def test_char_rnn_on_cuda_backend_matches_reference(cell, persistent):
+@pytest.mark.parametrize("persistent,residual", [(True, True), (False, True), (False, False)])
+def test_char_rnn_on_cuda_backend_matches_reference(cell, persistent, residual):
     """2 layers, T=3, B=2, H=4, dropout and recurrent dropout: logits, loss, every gradient,
     the carried state and the parameters after a clipped AdamW step."""
     cfg = ModelConfig(cell=cell, vocab_size=7, embed=3, hidden=4, layers=2, dropout=0.2,
-                      rec_dropout=0.25, residual=True)
+                      rec_dropout=0.25, residual=residual)
     params = CharRNN(cfg, seed=5).host_params()
     rng = np.random.default_rng(9)
     ids, targets = rng.integers(0, 7, (3, 2)), rng.integers(0, 7, (3, 2))

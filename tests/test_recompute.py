@@ -35,7 +35,7 @@ def _backend(name):
                                           ("reference-separate", np.float64)])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("layers,T,B,H,extras", [
-    (2, 7, 3, 8, {}),
+    (2, 7, 3, 8, {"residual": False}),
     (3, 12, 5, 16, {"dropout": 0.2, "rec_dropout": 0.15, "residual": True}),
     (4, 5, 2, 24, {"rec_dropout": 0.3}),
 ])
