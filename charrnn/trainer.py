@@ -234,8 +234,8 @@ class Trainer:
                 if self._blown_up(loss):
                     # Gates are bounded and the softmax is stable: only weights an earlier
                     # update blew up (a learning rate far too high) make the loss itself
-                    # inf, nan or far above guessing. Skipping steps cannot mend them, so
-                    # stop at once.
+                    # inf, nan or far above where the run started. Skipping steps cannot
+                    # mend them, so stop at once.
                     why = (f", over {self.loss_ceiling:.4g} ({BLOWN_UP_FACTOR:g}x where the run started)"
                            if math.isfinite(loss) else "")
                     raise TrainingDiverged(f"training diverged at step {self.step}: the loss is {loss:.4g}{why}; "
