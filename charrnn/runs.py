@@ -15,7 +15,7 @@ import numpy as np
 
 from charrnn import checkpoint
 from charrnn.checkpoint import CheckpointError
-from charrnn.config import ModelConfig, TrainConfig, from_dict
+from charrnn.config import ARCHITECTURE, ModelConfig, TrainConfig, from_dict
 from charrnn.model import CharRNN
 from charrnn.vocab import Vocab
 
@@ -101,7 +101,11 @@ class Loaded:
 
         tensors, meta = checkpoint.load(path, keep_half=True)
         try:
-            self.model_cfg = from_dict(ModelConfig, _section(meta, "model"))
+            model = _section(meta, "model")
+            missing = [k for k in ARCHITECTURE if k not in model]
+            if missing:
+                raise ValueError(f"the model section lacks {', '.join(missing)}")
+            self.model_cfg = from_dict(ModelConfig, model)
             self.vocab = vocab_from_meta(meta)
             train = _section(meta, "train", {})
             self.train_cfg = from_dict(TrainConfig, _section(train, "config", {}))
