@@ -55,9 +55,10 @@ train_stage = if [ -f $(1)/done ]; then echo "$(1): trained earlier"; \
 # float16. checkpoints/README.md records the run.
 NAMES_RUN := checkpoints/runs/names-2017
 names-model: corpora
-	$(call train_stage,$(NAMES_RUN),corpora/names.txt --lines --cell lstm --layers 2 --hidden 384 \
-	  --embed 48 --no-residual --dropout 0.4 --rec-dropout 0.15 --weight-decay 0.1 --batch-size 64 --lr 3e-3 \
-	  --warmup 200 --steps 12000 --eval-every 500 --val-frac 0.05 --test-count 1000 --seed 1337)
+	$(call train_stage,$(NAMES_RUN),corpora/names.txt --lines --cell lstm --layers 2 \
+	  --hidden 384 --embed 48 --no-residual --dropout 0.4 --rec-dropout 0.15 --weight-decay 0.1 \
+	  --batch-size 64 --lr 3e-3 --warmup 200 --steps 12000 --eval-every 500 --val-frac 0.05 \
+	  --test-count 1000 --seed 1337)
 	$(BIN)/charrnn export --force $(NAMES_RUN) checkpoints/names/model.safetensors
 	$(BIN)/charrnn eval -c $(NAMES_RUN) --split test
 
@@ -65,9 +66,9 @@ names-model: corpora
 # best checkpoint by validation loss is evaluated on the test split.
 train-names: $(STAMP)
 	$(call train_stage,checkpoints/runs/makemore-names,../shared/corpora/names.txt --lines \
-	  --cell lstm --layers 2 --hidden 384 --embed 48 --no-residual --dropout 0.4 --rec-dropout 0.15 \
-	  --weight-decay 0.1 --batch-size 64 --lr 3e-3 --warmup 200 --steps 12000 --eval-every 500 \
-	  --val-frac 0.05 --test-count 1000 --split-seed 3407 --seed 1337)
+	  --cell lstm --layers 2 --hidden 384 --embed 48 --no-residual --dropout 0.4 \
+	  --rec-dropout 0.15 --weight-decay 0.1 --batch-size 64 --lr 3e-3 --warmup 200 --steps 12000 \
+	  --eval-every 500 --val-frac 0.05 --test-count 1000 --split-seed 3407 --seed 1337)
 	$(BIN)/charrnn eval -c checkpoints/runs/makemore-names --split test
 
 # Quality benchmark on tiny Shakespeare (first 90% train, last 10% validation, as nanoGPT),
@@ -85,13 +86,15 @@ train-shakespeare: $(SHAKESPEARE_RUN2)/done
 	$(BIN)/charrnn eval -c $(SHAKESPEARE_RUN2) --split val
 
 $(SHAKESPEARE_RUN)/done: | $(STAMP)
-	$(call train_stage,$(SHAKESPEARE_RUN),$(SHAKESPEARE_OPTS) --layers 3 --hidden 512 --embed 256 \
-	  --residual --dropout 0.35 --rec-dropout 0.1 --lr 2e-3 --warmup 200 --steps 2200 --seed 1337)
+	$(call train_stage,$(SHAKESPEARE_RUN),$(SHAKESPEARE_OPTS) --layers 3 --hidden 512 \
+	  --embed 256 --residual --dropout 0.35 --rec-dropout 0.1 --lr 2e-3 --warmup 200 --steps 2200 \
+	  --seed 1337)
 
 $(SHAKESPEARE_RUN2)/done: $(SHAKESPEARE_RUN)/done
 	$(BIN)/charrnn export --force $(SHAKESPEARE_RUN) $(SHAKESPEARE_RUN)/stage1.safetensors
 	$(call train_stage,$(SHAKESPEARE_RUN2),$(SHAKESPEARE_OPTS) \
-	  --init-from $(SHAKESPEARE_RUN)/stage1.safetensors --lr 1e-3 --warmup 200 --steps 2000 --seed 1338)
+	  --init-from $(SHAKESPEARE_RUN)/stage1.safetensors --lr 1e-3 --warmup 200 --steps 2000 \
+	  --seed 1338)
 
 shakespeare-model: $(SHAKESPEARE_RUN2)/done
 	$(BIN)/charrnn export --force $(SHAKESPEARE_RUN2) checkpoints/shakespeare/model.safetensors
@@ -100,18 +103,20 @@ shakespeare-model: $(SHAKESPEARE_RUN2)/done
 # Short screening runs of quality levers (residual, embedding, window shape, schedule, dropout)
 # on tiny Shakespeare; writes docs/levers.md, and docs/levers-cells.md for GRU and RNN.
 levers: $(STAMP)
-	$(BIN)/python -m bench.levers --steps 300 --only "baseline,embed 16,embed 256,residual,no dropout,dropout 0.3,rec-dropout 0.1,weight decay 0.1,T=50 B=128,T=200 B=32,constant lr"
+	$(BIN)/python -m bench.levers --steps 300 --only "baseline,embed 16,embed 256,residual,\
+	no dropout,dropout 0.3,rec-dropout 0.1,weight decay 0.1,T=50 B=128,T=200 B=32,constant lr"
 	$(BIN)/python -m bench.levers --steps 300 --report docs/levers-cells.md \
-	  --only "baseline,embed 256 + residual,GRU,GRU + embed 256 + residual,RNN,RNN + embed 256 + residual"
+	  --only "baseline,embed 256 + residual,GRU,GRU + embed 256 + residual,RNN,\
+	RNN + embed 256 + residual"
 
 # Bits per byte on the Wikipedia XML sample (last 10% validation), with samples.
 WIKI_RUN := checkpoints/runs/enwiki-2x512
 
 train-wiki: $(STAMP)
 	$(call train_stage,$(WIKI_RUN),../shared/corpora/enwiki_sample.txt --encoding bytes --layers 2 \
-	  --hidden 512 --embed 64 --no-residual --dropout 0.1 --weight-decay 0.05 --batch-size 64 --seq-len 100 \
-	  --lr 2e-3 --warmup 100 --steps 1100 --eval-every 100 --eval-max-chars 200000 --val-frac 0.1 \
-	  --seed 1337)
+	  --hidden 512 --embed 64 --no-residual --dropout 0.1 --weight-decay 0.05 --batch-size 64 \
+	  --seq-len 100 --lr 2e-3 --warmup 100 --steps 1100 --eval-every 100 --eval-max-chars 200000 \
+	  --val-frac 0.1 --seed 1337)
 	$(BIN)/charrnn eval -c $(WIKI_RUN) --split val
 
 clean:
