@@ -27,14 +27,27 @@ sample: $(STAMP)
 test: $(STAMP)
 	$(SIM) $(BIN)/python -m pytest -q -m "not gpu"
 
-test-gpu: $(STAMP)
-	$(BIN)/python -m pytest -q -m gpu tests
+# The GPU targets also run with an interpreter that already has the dependencies, for a GPU
+# machine without network or .venv: `make test-gpu PY=python3`. test-gpu first checks that
+# cooperative launches work (bench/gpu_check.py: a minute, and it stops there if not), then
+# runs the CUDA kernel tests (the simulator's in `make test`) on the GPU, and the gpu-marked ones.
+ifdef PY
+GPU_RUN  := PYTHONPATH=. $(PY)
+GPU_DEPS :=
+else
+GPU_RUN  := $(BIN)/python
+GPU_DEPS := $(STAMP)
+endif
+
+test-gpu: $(GPU_DEPS)
+	$(GPU_RUN) -m bench.gpu_check
+	$(GPU_RUN) -m pytest -q tests/test_gpu.py tests/test_kernels_cuda.py tests/test_cuda_generate.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run --out BENCHMARKS.md
 
-bench-gpu: $(STAMP)
-	$(BIN)/python -m bench.run --gpu --out BENCHMARKS.md
+bench-gpu: $(GPU_DEPS)
+	$(GPU_RUN) -m bench.run --gpu --out BENCHMARKS.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check charrnn tests bench corpora

@@ -63,8 +63,13 @@ def random_params(w: Workload, seed: int = 0) -> dict[str, np.ndarray]:
     return params
 
 
+_BACKENDS: list = []  # every backend this worker built: info() reports their fallbacks
+
+
 def build_model(w: Workload, device: str) -> CharRNN:
-    return CharRNN(model_config(w), params=random_params(w), backend=get_backend(device))
+    backend = get_backend(device)
+    _BACKENDS.append(backend)
+    return CharRNN(model_config(w), params=random_params(w), backend=backend)
 
 
 def sync_for(device: str):
@@ -160,6 +165,13 @@ def info(device: str) -> dict:
     if device == "cuda":
         from numba import cuda
 
-        name = cuda.get_current_device().name
+        from charrnn.kernels import cuda_generate
+
+        name = getattr(cuda.get_current_device(), "name", "numba's CUDA simulator")
         out["gpu"] = name.decode() if isinstance(name, bytes) else str(name)
+        # A slower path taken instead of a persistent kernel must not pass for charrnn's speed.
+        why = [f"{key}: {msg}" for be in _BACKENDS for key, msg in be.fallbacks.items()]
+        why += [f"sampling {key}: {msg}" for key, msg in cuda_generate.FALLBACKS.items()]
+        if why:
+            out["fallbacks"] = why
     return out

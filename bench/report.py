@@ -145,6 +145,12 @@ def errors(rows: list[Workload], results: dict[str, dict[str, Cell]]) -> list[st
     return out
 
 
+def fallbacks(rows: list[Workload], results: dict[str, dict[str, Cell]]) -> list[str]:
+    """The rows whose charrnn figure came from a slower path than the persistent kernels."""
+    return [f"- {w.name}: {why}" for w in rows
+            for c in results.get(w.name, {}).values() for why in c.info.get("fallbacks", [])]
+
+
 # -- the file -------------------------------------------------------------------------------
 def _markers(section: str) -> tuple[str, str]:
     return f"<!-- bench:{section} begin -->", f"<!-- bench:{section} end -->"

@@ -40,13 +40,13 @@ def log(msg: str) -> None:
     sys.stderr.flush()
 
 
-def run_worker(w, impl: str, quick: bool) -> Cell:
+def run_worker(w, impl: str, quick: bool, timeout_s: float) -> Cell:
     cmd = [sys.executable, "-m", "bench.worker", w.name, impl] + (["--quick"] if quick else [])
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
-                              timeout=WORKER_TIMEOUT_S[quick], stdin=subprocess.DEVNULL)
+                              timeout=timeout_s, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        return Cell(note=f"error: timed out after {WORKER_TIMEOUT_S[quick]} s")
+        return Cell(note=f"error: timed out after {timeout_s:g} s")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
     if not lines:
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
@@ -60,7 +60,7 @@ def run_worker(w, impl: str, quick: bool) -> Cell:
     return Cell(values=res["rates"], rss_mib=res["peak_rss_mib"], info=res.get("info", {}))
 
 
-def measure_workers(rows, quick: bool, results: dict) -> None:
+def measure_workers(rows, quick: bool, results: dict, timeout_s: float) -> None:
     """Every implementation of every measured row (and of the rows an RSS row reads)."""
     have_torch = importlib.util.find_spec("torch") is not None
     need = [w.name for w in rows if w.kind in ("train", "sample", "names")]
@@ -74,7 +74,7 @@ def measure_workers(rows, quick: bool, results: dict) -> None:
             continue
         t0 = time.perf_counter()
         log(f"[{i}/{len(jobs)}] {w.name} {IMPL_TITLES[impl]} ...")
-        cell = run_worker(w, impl, quick)
+        cell = run_worker(w, impl, quick, timeout_s)
         results.setdefault(w.name, {})[impl] = cell
         log(f"      {report.cell_text(cell, w.unit)} {w.unit}, peak RSS "
             f"{cell.rss_mib or 0:,.0f} MiB, {time.perf_counter() - t0:.1f} s")
@@ -171,6 +171,10 @@ def render(args, rows, results: dict) -> str:
     if "cli" in kinds:
         notes.append(f"CLI: wall time of `{' '.join(['charrnn', *cli_time.ARGS])}` as a "
                      "subprocess; first run = NUMBA_CACHE_DIR pointed at a fresh empty directory.")
+    if args.gpu:
+        notes.append("GPU: float32 on both sides: torch's cuDNN and matmul TF32 are turned off "
+                     "(its default would round GEMM inputs to TF32); charrnn's GEMMs are "
+                     "cuBLAS through CuPy, whose TF32 is off.")
     issue = [f"{w.name} {w.issue_torch}" for w in rows if w.issue_torch]
     if issue and not args.gpu:
         notes.append("The issue author's PyTorch 2.13 CPU figures, for comparison: "
@@ -184,6 +188,9 @@ def render(args, rows, results: dict) -> str:
     errs = report.errors(rows, results)
     if errs:
         parts += ["", "Errors:", "", *errs]
+    slow = report.fallbacks(rows, results)
+    if slow:
+        parts += ["", "Fallbacks (these rows did not run the persistent kernels):", "", *slow]
     return "\n".join(parts) + "\n"
 
 
@@ -194,6 +201,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="comma-separated workload names (see --list)")
     ap.add_argument("--gpu", action="store_true", help="the CUDA rows (skipped without a GPU)")
     ap.add_argument("--list", action="store_true", help="print the workload names and exit")
+    ap.add_argument("--worker-timeout", type=float, metavar="S",
+                    help="stop a worker after S seconds (default: 900, quick: 300); each "
+                         "cell is also logged to stderr as soon as it is measured")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.list:
@@ -213,7 +223,8 @@ def main(argv=None) -> int:
             return 0
     t0 = time.perf_counter()
     results: dict[str, dict[str, Cell]] = {}
-    measure_workers(rows, args.quick, results)
+    measure_workers(rows, args.quick, results,
+                    args.worker_timeout or WORKER_TIMEOUT_S[args.quick])
     rss_rows(rows, results)
     cli_rows(rows, args.quick, results)
     body = render(args, rows, results)

@@ -43,6 +43,10 @@ def setup(device: str) -> torch.device:
     torch.manual_seed(0)
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("torch has no CUDA here (a CPU-only build, or no driver)")
+    # float32 against float32: cuDNN may otherwise round GEMM inputs to TF32, which our
+    # cuBLAS products (CuPy leaves TF32 off) do not.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     return torch.device(device)
 
 

@@ -90,3 +90,45 @@ def test_lever_options_replace_or_add_to_the_baseline():
 def test_each_lever_is_compared_with_its_own_cell():
     assert levers.reference("residual") == "baseline" and levers.reference("baseline") == "baseline"
     assert levers.reference("GRU + embed 256 + residual") == "GRU" and levers.reference("RNN") == "RNN"
+
+
+def test_a_gpu_row_that_fell_back_says_so_in_the_report():
+    import argparse
+
+    from bench import run
+    from bench.workloads import GPU_WORKLOADS
+
+    w = GPU_WORKLOADS[0]
+    slow = Cell([10.0], info={"fallbacks": ["('lstm', 64, 512, '<f4'): no room"]})
+    args = argparse.Namespace(gpu=True, quick=True, only=None, argv=["--gpu", "--quick"])
+    text = run.render(args, [w], {w.name: {CHARRNN: slow}})
+    assert "Fallbacks" in text and f"- {w.name}: ('lstm', 64, 512, '<f4'): no room" in text
+    clean = run.render(args, [w], {w.name: {CHARRNN: Cell([10.0])}})
+    assert "Fallbacks" not in clean and "TF32 are turned off" in clean
+
+
+def test_the_worker_reports_the_cuda_backends_fallbacks(monkeypatch):
+    import os
+
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        pytest.skip("needs numba's CUDA simulator (make test sets it)")
+    pytest.importorskip("numba.cuda")
+    from bench import ours
+    from charrnn.cuda_backend import CudaBackend
+    from charrnn.kernels import cuda_generate
+
+    be = CudaBackend()
+    monkeypatch.setattr(ours, "_BACKENDS", [be])
+    monkeypatch.setattr(cuda_generate, "FALLBACKS", {})
+    assert "fallbacks" not in ours.info("cuda")
+    be.fallbacks[("lstm", 64, 512, "<f4")] = "too big"
+    cuda_generate.FALLBACKS[("lstm", "<f4", 512)] = "no cudadevrt"
+    assert ours.info("cuda")["fallbacks"] == ["('lstm', 64, 512, '<f4'): too big",
+                                              "sampling ('lstm', '<f4', 512): no cudadevrt"]
+
+
+def test_the_gpu_check_stops_with_status_1_where_there_is_no_gpu(capsys):
+    from bench import gpu_check
+
+    assert gpu_check.main() == 1  # make test runs the simulator: never a usable GPU
+    assert "no usable CUDA GPU" in capsys.readouterr().out
