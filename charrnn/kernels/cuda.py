@@ -20,8 +20,11 @@ W_hh entries those units need in shared memory for the whole window: forward, th
 rows of its units (G*U x H); backward, the matching columns (G*H x U). Each step, every
 block reads the previous step's h (forward) or dL/dhp (backward) of ALL units from global
 memory, computes its units' recurrent products and fused cell maths, writes its slice, and
-the grid synchronises (`cuda.cg.this_grid().sync()`). U is the smallest that fits: shared
-memory G*U*H*itemsize <= SMEM_LIMIT, and ceil(H/U) blocks co-resident on the GPU.
+the grid synchronises (`cuda.cg.this_grid().sync()`). Those reads go through a transposed
+ping-pong copy, (2, H or G*H, B): consecutive threads take consecutive batch rows, so a
+warp's 32 loads of one unit's value are one 128-byte line, not 32 lines H or 4H floats
+apart. U is the smallest that fits: shared memory G*U*H*itemsize <= SMEM_LIMIT, and
+ceil(H/U) blocks co-resident on the GPU.
 
 Dimension letters: B=batch, H=hidden, G=gate blocks (4 LSTM, 3 GRU, 1 RNN), V=vocab,
 N=rows, D=columns, T=time, U=hidden units per block.
@@ -100,15 +103,16 @@ def _scalar(a) -> float:
     return float(a.copy_to_host()[0])
 
 
-_SCRATCH: dict = {}  # tag -> float64 device buffer, grown on demand, reused across calls
+_SCRATCH: dict = {}  # (tag, dtype) -> device buffer, grown on demand, reused across calls
 
 
-def _scratch(tag: str, n: int):
-    """n float64 of a device buffer kept between calls. Safe to reuse: every launch runs on
+def _scratch(tag: str, n: int, dtype=np.float64):
+    """n items of a device buffer kept between calls. Safe to reuse: every launch runs on
     the one default stream, in order, so a later call cannot overwrite it early."""
-    buf = _SCRATCH.get(tag)
+    key = (tag, np.dtype(dtype).str)
+    buf = _SCRATCH.get(key)
     if buf is None or buf.size < n:
-        buf = _SCRATCH[tag] = cuda.device_array(max(n, 1), np.float64)
+        buf = _SCRATCH[key] = cuda.device_array(max(n, 1), dtype)
     return buf[:n]
 
 
@@ -593,8 +597,10 @@ def _forward_kernel(cell: str, dtype):
     smem_type = numba.from_dtype(np.dtype(dtype))
 
     @cuda.jit
-    def kernel(xp, w_hh, b_hh, h0, c0, hmask, use_mask, U, s0, s1, hs, act, cs, hn):
-        """Steps s0..s1-1 of one layer; this block's units j0..j0+Uk-1."""
+    def kernel(xp, w_hh, b_hh, h0, c0, hmask, use_mask, U, s0, s1, hT, hs, act, cs, hn):
+        """Steps s0..s1-1 of one layer; this block's units j0..j0+Uk-1. hT (2,H,B): step t
+        reads (h_{t-1} * mask).T from hT[(t+1) % 2] (the launcher fills hT[1] from h0) and
+        writes its own into hT[t % 2]."""
         B, H = h0.shape
         one = hs.dtype.type(1)
         zero = one - one
@@ -615,18 +621,17 @@ def _forward_kernel(cell: str, dtype):
         for t in range(s0, s1):
             if t > s0:
                 grid.sync()  # every block's h of step t-1 is written
+            rd, wr = (t + 1) % 2, t % 2
             for pair in range(tid, B * Uk, nt):
-                b = pair // Uk
-                jj = pair - b * Uk
+                jj = pair // B  # batch rows fastest: a warp reads adjacent hT entries
+                b = pair - jj * B
                 j = j0 + jj
                 a0 = zero
                 a1 = zero
                 a2 = zero
                 a3 = zero
                 for kk in range(H):  # recurrent products of our G gates: (h*mask) @ W.T
-                    hv = h0[b, kk] if t == 0 else hs[t - 1, b, kk]
-                    if use_mask:
-                        hv = hv * hmask[b, kk]
+                    hv = hT[rd, kk, b]
                     base = kk * GU + jj
                     a0 += hv * w[base]
                     if G > 1:
@@ -645,7 +650,6 @@ def _forward_kernel(cell: str, dtype):
                     act[t, b, 2 * H + j] = gg
                     act[t, b, 3 * H + j] = go
                     cs[t, b, j] = cc
-                    hs[t, b, j] = hh
                 elif GRU:
                     hprev = h0[b, j] if t == 0 else hs[t - 1, b, j]
                     hnv = a2 + b_hh[2 * H + j]
@@ -655,9 +659,10 @@ def _forward_kernel(cell: str, dtype):
                     act[t, b, H + j] = z
                     act[t, b, 2 * H + j] = n
                     hn[t, b, j] = hnv
-                    hs[t, b, j] = hh
                 else:
-                    hs[t, b, j] = math.tanh(xp[t, b, j] + a0 + b_hh[j])
+                    hh = math.tanh(xp[t, b, j] + a0 + b_hh[j])
+                hs[t, b, j] = hh
+                hT[wr, j, b] = hh * hmask[b, j] if use_mask else hh
 
     _KERNELS[key] = kernel
     return kernel
@@ -672,10 +677,12 @@ def _backward_kernel(cell: str, dtype):
     smem_type = numba.from_dtype(np.dtype(dtype))
 
     @cuda.jit
-    def kernel(w_hh, hmask, use_mask, h0, c0, hs, act, cs, hn, dhs, U, s0, s1, dxp, dhp, dc,
+    def kernel(w_hh, hmask, use_mask, h0, c0, hs, act, cs, hn, dhs, U, s0, s1, dT, dxp, dhp, dc,
                direct, dh0):
         """Reverse steps s0..s1-1 (t = T-1-s; s = T computes dh0 only); our units only.
-        dc (LSTM) and direct (GRU, z * dh) carry each unit's own state between steps."""
+        dc (LSTM) and direct (GRU, z * dh) carry each unit's own state between steps.
+        dT (2,G*H,B): step t writes its dL/dhp rows (dxp's, or dhp's for GRU) transposed into
+        dT[t % 2]; step t-1 reads them from there."""
         T, B, H = hs.shape
         one = hs.dtype.type(1)
         zero = one - one
@@ -695,15 +702,15 @@ def _backward_kernel(cell: str, dtype):
             if s > s0:
                 grid.sync()  # every block's dL/dhp of step t+1 is written
             t = T - 1 - s
+            rd, wr = (t + 1) % 2, t % 2
             for pair in range(tid, B * Uk, nt):
-                b = pair // Uk
-                jj = pair - b * Uk
+                jj = pair // B  # batch rows fastest: a warp reads adjacent dT entries
+                b = pair - jj * B
                 j = j0 + jj
                 rec = zero  # dL/dh_t arriving from step t+1: (dhp @ W_hh) * mask + direct
                 if t + 1 < T:
                     for r in range(GH):
-                        d = dhp[t + 1, b, r] if GRU else dxp[t + 1, b, r]
-                        rec += d * w[r * U + jj]
+                        rec += dT[rd, r, b] * w[r * U + jj]
                     if use_mask:
                         rec = rec * hmask[b, j]
                     if GRU:
@@ -722,6 +729,10 @@ def _backward_kernel(cell: str, dtype):
                     dxp[t, b, H + j] = df
                     dxp[t, b, 2 * H + j] = dg
                     dxp[t, b, 3 * H + j] = do
+                    dT[wr, j, b] = di
+                    dT[wr, H + j, b] = df
+                    dT[wr, 2 * H + j, b] = dg
+                    dT[wr, 3 * H + j, b] = do
                     dc[b, j] = dcp
                 elif GRU:
                     hprev = h0[b, j] if t == 0 else hs[t - 1, b, j]
@@ -734,10 +745,15 @@ def _backward_kernel(cell: str, dtype):
                     dhp[t, b, j] = dr
                     dhp[t, b, H + j] = dz
                     dhp[t, b, 2 * H + j] = dnr
+                    dT[wr, j, b] = dr
+                    dT[wr, H + j, b] = dz
+                    dT[wr, 2 * H + j, b] = dnr
                     direct[b, j] = dd
                 else:
                     hv = hs[t, b, j]
-                    dxp[t, b, j] = dh * (one - hv * hv)
+                    dpre = dh * (one - hv * hv)
+                    dxp[t, b, j] = dpre
+                    dT[wr, j, b] = dpre
 
     _KERNELS[key] = kernel
     return kernel
@@ -791,6 +807,21 @@ def _plan(kernel, args, key, G: int, B: int, H: int, itemsize: int, units: int,
         f"holds with SMEM_LIMIT={SMEM_LIMIT}; use the per-step design (persistent=False)")
 
 
+@cuda.jit(cache=True)
+def _masked_transpose_kernel(h, hmask, use_mask, out):
+    """out (H,B) = (h * hmask).T for h, hmask (B,H): the forward's hT of the step before 0."""
+    B, H = h.shape
+    for k in range(cuda.grid(1), B * H, cuda.gridsize(1)):
+        kk = k // B
+        b = k - kk * B
+        out[kk, b] = h[b, kk] * hmask[b, kk] if use_mask else h[b, kk]
+
+
+def _pingpong(tag: str, rows: int, B: int, dtype):
+    """(2, rows, B) scratch of the persistent kernels' transposed state (reused: one stream)."""
+    return _scratch(tag, 2 * rows * B, dtype).reshape(2, rows, B)
+
+
 _DUMMIES: dict = {}  # (dtype, ndim) -> 1-element device array
 
 
@@ -817,14 +848,17 @@ def persistent_layer_forward(cell, xp, w_hh, b_hh, h0, c0, hmask, hs, act, cs, h
     G = GATES[cell]
     kernel = _forward_kernel(cell, hs.dtype)
     d2, d3 = _dummy(hs, 2), _dummy(hs, 3)
+    mask = d2 if hmask is None else _dev(hmask)
+    hT = _pingpong("hT", H, B, hs.dtype)  # (2, H, B)
     args = [_dev(xp), _dev(w_hh), _dev(b_hh), _dev(h0), d2 if c0 is None else _dev(c0),
-            d2 if hmask is None else _dev(hmask), 0 if hmask is None else 1, 1, 0, T, _dev(hs),
+            mask, 0 if hmask is None else 1, 1, 0, T, hT, _dev(hs),
             d3 if act is None else _dev(act), d3 if cs is None else _dev(cs),
             d3 if hn is None else _dev(hn)]
     key = ("forward", cell, np.dtype(hs.dtype).str, B, H)
     U, nb, threads = _plan(kernel, args, key, G, B, H, np.dtype(hs.dtype).itemsize, units,
                            stepwise)
     args[7] = U
+    _launch(_masked_transpose_kernel, B * H, h0, mask, args[6], hT[1])
     launch = kernel[nb, threads, 0, G * U * H * np.dtype(hs.dtype).itemsize]
     for s0, s1 in ([(t, t + 1) for t in range(T)] if stepwise else [(0, T)]):
         args[8], args[9] = s0, s1
@@ -844,7 +878,8 @@ def persistent_layer_backward(cell, w_hh, hmask, h0, c0, hs, act, cs, hn, dhs, d
     args = [_dev(w_hh), d2 if hmask is None else _dev(hmask), 0 if hmask is None else 1,
             _dev(h0), d2 if c0 is None else _dev(c0), _dev(hs), d3 if act is None else _dev(act),
             d3 if cs is None else _dev(cs), d3 if hn is None else _dev(hn), _dev(dhs), 1, 0,
-            T + 1, _dev(dxp), d3 if dhp is None else _dev(dhp), d2 if dc is None else _dev(dc),
+            T + 1, _pingpong("dT", G * H, B, hs.dtype), _dev(dxp),
+            d3 if dhp is None else _dev(dhp), d2 if dc is None else _dev(dc),
             d2 if direct is None else _dev(direct), _dev(dh0)]
     key = ("backward", cell, np.dtype(hs.dtype).str, B, H)
     U, nb, threads = _plan(kernel, args, key, G, B, H, np.dtype(hs.dtype).itemsize, units,
