@@ -10,8 +10,8 @@ summed loss, a sum of squares) copy one scalar to the host.
 Every kernel loops over a grid stride (or, for row kernels, a block stride over rows), so
 a test that sets THREADS and MAX_BLOCKS small runs several blocks on tiny shapes.
 
-Determinism: no float atomics anywhere. scatter_add_rows gives each thread whole columns
-and adds rows in order; sums (loss, sum of squares) reduce per block in a fixed tree into
+Determinism: no float atomics anywhere. scatter_add_rows gives each thread a column (of a
+tile of vocabulary rows) and adds rows in order; sums (loss, sum of squares) reduce per block in a fixed tree into
 partial sums, then one block reduces those: the same grid gives the same bits every run.
 
 The persistent recurrence (`persistent_layer_forward/backward`) runs all T steps of one
@@ -307,19 +307,52 @@ def gather_rows(table, ids, out):
     _launch(_gather_rows_kernel, out.size, table, ids, out)
 
 
-@cuda.jit(cache=True)
-def _scatter_add_rows_kernel(ids, d, out):
-    N, D = d.shape
-    # One thread per column, rows added in order 0..N-1 as np.add.at does: no races, no
-    # atomics, and the reference's sums bit for bit.
-    for j in range(cuda.grid(1), D, cuda.gridsize(1)):
-        for n in range(N):
-            out[ids[n], j] += d[n, j]
+_SCATTER: dict = {}  # dtype -> scatter_add_rows kernel (its shared array's dtype is fixed)
+
+
+def _scatter_kernel(dtype):
+    key = np.dtype(dtype).str
+    if key in _SCATTER:
+        return _SCATTER[key]
+    smem_type = numba.from_dtype(np.dtype(dtype))
+
+    @cuda.jit
+    def kernel(ids, d, out, vt):
+        """Tiles of (nt columns) x (vt vocabulary rows); a thread owns one column of its tile
+        and adds rows 0..N-1 in order, as np.add.at does: no races, no atomics, the
+        reference's sums bit for bit. The running sums sit in shared memory (vt, nt), so a
+        step of that chain waits on shared memory, not on a global store and reload."""
+        N, D = d.shape
+        V = out.shape[0]
+        nt, tid = cuda.blockDim.x, cuda.threadIdx.x
+        acc = cuda.shared.array(0, smem_type)
+        col_tiles = (D + nt - 1) // nt
+        for k in range(cuda.blockIdx.x, col_tiles * ((V + vt - 1) // vt), cuda.gridDim.x):
+            v0 = (k // col_tiles) * vt
+            j = (k - (k // col_tiles) * col_tiles) * nt + tid
+            rows = min(vt, V - v0)
+            if j < D:
+                for v in range(rows):
+                    acc[v * nt + tid] = out[v0 + v, j]
+                for n in range(N):
+                    v = ids[n] - v0
+                    if v >= 0 and v < rows:
+                        acc[v * nt + tid] += d[n, j]
+                for v in range(rows):
+                    out[v0 + v, j] = acc[v * nt + tid]
+
+    _SCATTER[key] = kernel
+    return kernel
 
 
 def scatter_add_rows(ids, d, out):
     """ids (N,) int; d (N,D) -> out (V,D) += sum of d's rows into the rows named by ids."""
-    _launch(_scatter_add_rows_kernel, d.shape[1], ids, d, out)
+    V, D = out.shape
+    itemsize = np.dtype(out.dtype).itemsize
+    vt = max(1, min(V, SMEM_LIMIT // (THREADS * itemsize)))  # vocabulary rows a tile
+    tiles = -(-D // THREADS) * -(-V // vt)
+    _scatter_kernel(out.dtype)[min(tiles, MAX_BLOCKS), THREADS, 0, vt * THREADS * itemsize](
+        _dev(ids), _dev(d), _dev(out), vt)
 
 
 # ---------------------------------------------------------------- block reductions
