@@ -48,6 +48,7 @@ bench: $(STAMP)
 
 bench-gpu: $(GPU_DEPS)
 	$(GPU_RUN) -m bench.run --gpu --out BENCHMARKS.md
+	$(GPU_RUN) -m bench.gpu_kernels --out BENCHMARKS.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check charrnn tests bench corpora

@@ -16,4 +16,9 @@ marker line.
   machine.py     what the header says about the machine and the libraries
   report.py      the results table and BENCHMARKS.md (sections and notes preserved)
   run.py         the command line: --quick, --only, --gpu, --out
+  gpu_kernels.py each CUDA kernel of a flagship step timed alone, its FLOP rate or bandwidth
+                 beside the GPU's measured ceilings (`make bench-gpu` runs it after run.py)
+  gpu_check.py   a minute's look at a GPU machine: libraries, a grid-synchronised launch, the
+                 flagship plans (`make test-gpu` runs it first)
+  levers.py      short training runs screening quality levers (`make levers`)
 """

@@ -132,3 +132,30 @@ def test_the_gpu_check_stops_with_status_1_where_there_is_no_gpu(capsys):
 
     assert gpu_check.main() == 1  # make test runs the simulator: never a usable GPU
     assert "no usable CUDA GPU" in capsys.readouterr().out
+
+
+def test_the_gpu_kernel_profile_runs_every_kernel_and_renders(monkeypatch):
+    """The plumbing only, on the simulator at tiny shapes: every kernel is called with
+    arrays of the shapes the profile says, and the table has a row for each."""
+    import os
+
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        pytest.skip("needs numba's CUDA simulator (make test sets it)")
+    pytest.importorskip("numba.cuda")
+    from bench import gpu_kernels
+    from charrnn.cuda_backend import CudaBackend
+    from charrnn.kernels import cuda as ck
+    from charrnn.kernels import cuda_generate as cg
+
+    for mod, name, n in [(ck, "THREADS", 4), (ck, "PERSISTENT_THREADS", 8),
+                         (cg, "GEN_THREADS", 4), (cg, "GEN_LANES", 2)]:
+        monkeypatch.setattr(mod, name, n)  # the simulator runs a Python thread per GPU thread
+    backend = CudaBackend()
+    shape = gpu_kernels.Shape(L=2, H=4, B=2, T=3, V=5)
+    ceil = gpu_kernels.ceilings(backend.xp, lambda: None, n_bytes=4096, gemm_n=8, min_time=0)
+    rows = gpu_kernels.profile(shape, backend, lambda: None, min_time=0, chars=2)
+    assert len(rows) == 13 and all(r.seconds > 0 and r.work > 0 for r in rows)
+    assert not backend.fallbacks
+    text = gpu_kernels.render(rows, ceil, "simulator", shape, "test")
+    assert text.count("\n| ") == len(rows) + 1  # header + one line a kernel
+    assert "persistent layer backward" in text and "generate_ids" in text
