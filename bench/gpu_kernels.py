@@ -178,9 +178,9 @@ def render(rows: list[Row], ceil: dict, gpu: str, s: Shape, command: str) -> str
         f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- GPU: {gpu}",
         f"- Shape: {s.L}x{s.H} LSTM, B={s.B}, T={s.T}, V={s.V}, float32",
-        f"- Measured ceilings: {ceil['flop'] / 1e9:,.0f} GFLOP/s (float32 GEMM, "
-        f"{ceil['gemm_n']}^3, TF32 off); {ceil['byte'] / 1e9:,.0f} GB/s (device copy of "
-        f"{ceil['copy_bytes'] >> 20} MiB, read + write)",
+        (f"- Measured ceilings: {ceil['flop'] / 1e9:,.0f} GFLOP/s (float32 GEMM, "
+         f"{ceil['gemm_n']}^3, TF32 off); {ceil['byte'] / 1e9:,.0f} GB/s (device copy of "
+         f"{ceil['copy_bytes'] >> 20} MiB, read + write)"),
         "",
         "| kernel | shape | time a call | achieved | ceiling | of ceiling |",
         "|---|---|---:|---:|---:|---:|",
