@@ -190,9 +190,10 @@ def render(rows: list[Row], ceil: dict, gpu: str, s: Shape, command: str) -> str
         lines.append(f"| {r.kernel} | {r.shape} | {r.seconds * 1e3:,.3f} ms | "
                      f"{rate / 1e9:,.1f} {unit_name[r.unit]} | {top / 1e9:,.0f} | "
                      f"{100 * rate / top:.1f}% |")
-    lines += ["", "- Work is counted analytically (products' FLOPs; bytes each kernel must move "
-              "at least once). generate_ids reads every weight once a character; 3x512's 21 MB "
-              "of float32 weights fit in an H100's 50 MB L2, so it can pass the HBM copy rate."]
+    lines += ["", ("- Work is counted analytically (products' FLOPs; bytes each kernel must "
+                   "move at least once). generate_ids reads every weight once a character; "
+                   "3x512's 21 MB of float32 weights fit in an H100's 50 MB L2, so it can pass "
+                   "the HBM copy rate.")]
     return "\n".join(lines) + "\n"
 
 
