@@ -12,6 +12,8 @@ import json
 import math
 import os
 import shlex
+import shutil
+import signal
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -57,6 +59,12 @@ class Group(click.Group):
             return super().invoke(ctx)
         except (UserError, CorpusError, CheckpointError, ValueError) as e:
             fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except MemoryError as e:  # numpy says how much it wanted: keep that, drop the traceback
+            fail(f"out of memory{': ' + str(e).splitlines()[0] if str(e) else ''}; hint: a smaller "
+                 "--hidden, --embed, --layers, --batch-size or --seq-len")
+        except KeyboardInterrupt:  # Ctrl-C outside training's own save-and-stop: no traceback
+            err.print("interrupted")
+            sys.exit(128 + signal.SIGINT)
         except BrokenPipeError:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())  # nothing more can be written; flush quietly
@@ -78,9 +86,11 @@ def _device_option(f):
                              "present, else cpu (numpy for names and score)")(f)
 
 
-def _ckpt_option(f):
+def _ckpt_option(f=None, *, default="newest run, else the shipped model"):
+    if f is None:  # @_ckpt_option(default=...)
+        return lambda g: _ckpt_option(g, default=default)
     return click.option("-c", "--checkpoint", "ckpt", default=None,
-                        help="checkpoint file or run directory (default: newest run, else the shipped model)")(f)
+                        help=f"checkpoint file or run directory (default: {default})")(f)
 
 
 # `names -n` above this runs on numba by default: its ~0.6 s start-up (warm cache) pays for
@@ -112,6 +122,8 @@ def _out(text: str):
 
 
 # ---------------------------------------------------------------------------------- train
+WARMUP_SHARE = 3  # the default warm-up takes at most steps // 3
+
 # Options that may change when a run is resumed; everything else is fixed by the run.
 RESUMABLE = {"steps", "eval_every", "patience", "device", "recompute"}
 
@@ -151,8 +163,9 @@ RESUMABLE = {"steps", "eval_every", "patience", "device", "recompute"}
               help=f"learning rate after --warmup: constant; step (x{TrainConfig.decay_rate:g} every "
                    f"{TrainConfig.decay_every} steps); cosine (down to {TrainConfig.min_lr_frac:g} x --lr "
                    "at the last step)")
-@click.option("--warmup", type=int, default=TrainConfig.warmup, show_default=True,
-              help="steps of linear learning-rate warm-up, up to --lr at the last of them; 0: none")
+@click.option("--warmup", type=int, default=TrainConfig.warmup,
+              help="steps of linear learning-rate warm-up, up to --lr at the last of them; 0: none  "
+                   f"[default: {TrainConfig.warmup}, at most a third of the run's steps]")
 @click.option("--steps", type=int, default=TrainConfig.steps, show_default=True,
               help="total optimizer steps of the run (with --resume: continue up to this)")
 @click.option("--epochs", type=float, default=TrainConfig.epochs, help="passes over the data (overrides --steps)")
@@ -191,6 +204,8 @@ def train(ctx, corpus, out, resume, init_from, **opts):
     given = {k for k in opts if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     if resume and init_from:
         raise UserError("--resume continues a run, --init-from starts a new one from a checkpoint; pick one")
+    if resume and out and Path(out).resolve() != Path(resume).resolve():
+        raise UserError(f"--out does not apply with --resume: the run stays in {resume}")
     if resume:
         trainer, run_dir = _resume(resume, corpus, opts, given)
         if trainer.step >= trainer.cfg.steps:  # nothing to do: not an error (make, scripts)
@@ -218,7 +233,7 @@ def train(ctx, corpus, out, resume, init_from, **opts):
     if reason == "interrupted":
         err.print(f"interrupted at step {trainer.step}; saved {run_dir / 'latest.safetensors'}\n"
                   f"resume with: {resume_cmd}")
-        sys.exit(130)
+        sys.exit(128 + (trainer.stop_signal or signal.SIGINT))  # the shell's convention
     best = trainer.best_val
     msg = "stopped early (no val gain)" if reason == "early_stop" else "done"
     err.print(f"{msg} at step {trainer.step}; best val loss "
@@ -277,10 +292,8 @@ def _init_source(init_from, opts, given):
 
 
 def _new_run(corpus, out, opts, given=frozenset(), init_from=None):
-    from charrnn.backend import get_backend
     from charrnn.data import check_file
-    from charrnn.dataset import build_dataset, detect_lines
-    from charrnn.model import CharRNN
+    from charrnn.dataset import detect_lines
     from charrnn.runs import run_meta
     from charrnn.trainer import Trainer
 
@@ -302,6 +315,29 @@ def _new_run(corpus, out, opts, given=frozenset(), init_from=None):
         if tcfg.lines:
             err.print("detected a list of short lines: training one example per line (--no-lines to treat it as prose)")
     run_dir = Path(out) if out else _fresh_dir(Path("checkpoints") / Path(corpus[0]).stem)
+    created = not run_dir.exists()
+    try:
+        data, model = _build_run(corpus, run_dir, mcfg, tcfg, given, init)
+        meta = run_meta(mcfg, data, shlex.join(["charrnn", *Group.argv]))
+        if init:
+            from charrnn.data import fingerprint
+
+            meta["init_from"] = {"path": str(init.path.resolve()), "fingerprint": fingerprint([init.path])}
+            del init  # the source's tensors (optimizer moments too) are not needed any more
+        return Trainer(model, data, tcfg, run_dir, meta), run_dir
+    except BaseException:  # a bad option, a corpus too small, no GPU, out of memory: leave no
+        if created:        # empty run directory behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _build_run(corpus, run_dir, mcfg, tcfg, given, init):
+    """The dataset (its ids cached in run_dir) and the fresh model; fills in mcfg.vocab_size,
+    and tcfg.steps from --epochs."""
+    from charrnn.backend import get_backend
+    from charrnn.dataset import build_dataset
+    from charrnn.model import CharRNN
+
     data = build_dataset(corpus, tcfg, vocab=init.vocab if init else None, cache=run_dir / "corpus.ids")
     mcfg.vocab_size = len(data.vocab)
     mcfg.validate()
@@ -311,15 +347,27 @@ def _new_run(corpus, out, opts, given=frozenset(), init_from=None):
         if tcfg.lines:  # a batch holds B lines, not B*T characters
             per_epoch = math.ceil(len(data.train) / tcfg.batch_size)
         tcfg.steps = max(1, math.ceil(tcfg.epochs * per_epoch))
+    if "warmup" not in given:  # a short trial run still reaches --lr and decays
+        tcfg.warmup = min(tcfg.warmup, tcfg.steps // WARMUP_SHARE)
     params = init.model.host_params() if init else None  # float32 even from a float16 export
-    model = CharRNN(mcfg, params=params, backend=backend, seed=tcfg.seed)
-    meta = run_meta(mcfg, data, shlex.join(["charrnn", *Group.argv]))
-    if init:
-        from charrnn.data import fingerprint
+    return data, CharRNN(mcfg, params=params, backend=backend, seed=tcfg.seed)
 
-        meta["init_from"] = {"path": str(init.path.resolve()), "fingerprint": fingerprint([init.path])}
-        del init, params  # the source's tensors (optimizer moments too) are not needed any more
-    return Trainer(model, data, tcfg, run_dir, meta), run_dir
+
+def _check_unchanged(fixed, opts, loaded):
+    """Options the run fixed may be repeated on --resume (the same command with --resume
+    added), but not changed."""
+    for k in sorted(fixed):
+        cfg = loaded.model_cfg if hasattr(loaded.model_cfg, k) else loaded.train_cfg
+        mine = getattr(cfg, k, None)
+        if opts[k] != mine:
+            raise UserError(f"--{k.replace('_', '-')} {_opt_text(opts[k])} differs from the run's "
+                            f"{_opt_text(mine)}; only --steps, --eval-every, --patience, --device "
+                            "and --recompute can change when resuming (to change more, start a new "
+                            "run with --init-from)")
+
+
+def _opt_text(v) -> str:
+    return {True: "on", False: "off", None: "unset"}.get(v, str(v)) if isinstance(v, (bool, type(None))) else str(v)
 
 
 def _resume(resume, corpus, opts, given):
@@ -328,10 +376,6 @@ def _resume(resume, corpus, opts, given):
     from charrnn.runs import Loaded, run_checkpoint
     from charrnn.trainer import Trainer
 
-    fixed = sorted(given - RESUMABLE)
-    if fixed:
-        raise UserError(f"--{fixed[0].replace('_', '-')} cannot change when resuming; "
-                        f"only --steps, --eval-every, --patience, --device and --recompute can")
     run_dir = Path(resume)
     if not run_dir.is_dir():
         raise UserError(f"no run directory at {run_dir}; pass the directory given by `charrnn train`")
@@ -343,6 +387,7 @@ def _resume(resume, corpus, opts, given):
         raise UserError(f"{path} holds no training state (no {missing[0]}; an exported or shipped model?); "
                         f"hint: start a new run from it with `charrnn train CORPUS --init-from {shlex.quote(str(path))}`")
     tcfg = loaded.train_cfg
+    _check_unchanged(given - RESUMABLE, opts, loaded)
     for k in given & RESUMABLE:
         setattr(tcfg, k, opts[k])
     tcfg.validate()
@@ -419,7 +464,7 @@ def _after_status(items, message):
 
 # ---------------------------------------------------------------------------------- names
 @main.command()
-@_ckpt_option
+@_ckpt_option(default="the shipped names model")
 @click.option("-n", "count", type=int, default=20, show_default=True, help="how many names")
 @click.option("-t", "--temp", type=float, default=0.8, show_default=True, help="temperature")
 @click.option("--top-k", type=int, default=0, help="sample from the k most likely characters (0: all)")
@@ -472,10 +517,11 @@ def names(ckpt, count, temp, top_k, top_p, seed, min_len, max_len, start, contai
 @click.argument("file", required=False, type=click.Path())
 @click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True,
               help="without FILE: which split of the run's corpus")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-              help="parallel text streams per batch (prose models; lines models ignore it)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="parallel text streams, each starting from a zero state (prose models; lines "
+                   "models ignore it)  [default: the run's, as its validation loss was measured]")
 @click.option("--seq-len", type=click.IntRange(min=1), default=None,
-              help=f"characters per window  [default: 100; {DYN_SEQ_LEN} for the --dynamic pass]")
+              help=f"characters per window  [default: the run's; {DYN_SEQ_LEN} for the --dynamic pass]")
 @click.option("--dynamic", is_flag=True,
               help="also report dynamic evaluation: the model takes a gradient step on each window "
                    "after scoring it (Krause et al. 2018); reported apart from the static loss")
@@ -509,7 +555,12 @@ def eval_cmd(ctx, ckpt, file, split, batch_size, seq_len, dynamic, dyn_lr, dyn_d
     cfg = run.train_cfg
     if file:
         cfg.val_frac, cfg.test_frac, cfg.test_count = 0.0, 0.0, 0
-        data = build_dataset([file], cfg, vocab=run.vocab)
+        try:
+            data = build_dataset([file], cfg, vocab=run.vocab)
+        except CorpusError as e:  # train's "--encoding" hints do not apply: the model fixes it
+            why = str(e).split("; ")[0] if "--encoding" in str(e) else str(e)
+            raise UserError(f"{why}; this model reads {cfg.encoding} text" if why != str(e)
+                            else why) from None
         ids, source = data.train, file
     else:
         corpus = run.meta.get("corpus")
@@ -529,7 +580,7 @@ def eval_cmd(ctx, ckpt, file, split, batch_size, seq_len, dynamic, dyn_lr, dyn_d
     if run.lines:
         loss, n = evaluate_lines(run.model, ids, run.vocab.eos_id)
     else:
-        loss, n = evaluate_stream(run.model, ids, batch_size, 100 if seq_len is None else seq_len)
+        loss, n = evaluate_stream(run.model, ids, batch_size or cfg.batch_size, seq_len or cfg.seq_len)
     dyn = None
     if dynamic:
         if err.is_terminal:

@@ -75,7 +75,11 @@ def _chunks(path: Path, encoding: str, chunk_bytes: int):
             return
         # UTF-16/32 text is full of NULs, so the binary sniff would misfire there.
         wide = codecs.lookup(encoding).name.startswith(("utf-16", "utf-32"))
-        if not wide and b"\0" in f.read(_SNIFF_BYTES):
+        head = f.read(_SNIFF_BYTES)
+        if not wide and head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            raise CorpusError(f"{path} is UTF-16 text (it starts with a byte-order mark); use "
+                              "--encoding utf-16")
+        if not wide and b"\0" in head:
             raise CorpusError(f"{path} looks binary (NUL bytes); use --encoding bytes to model "
                               "raw bytes")
         f.seek(0)
@@ -265,8 +269,12 @@ class StreamBatcher:
         self.ids, self.n, self.B, self.T, self.shift = ids, len(ids), batch_size, seq_len, shift
         # The largest offset gives the fewest windows; every epoch must have at least one.
         if (self.n - (seq_len - 1 if shift else 0) - 1) // batch_size // seq_len < 1:
-            raise CorpusError(f"training split has {self.n} characters: too small for batch size "
-                              f"{batch_size} x window {seq_len}; lower --batch-size or --seq-len")
+            need = batch_size * seq_len + (seq_len if shift else 1)  # + the epoch's random shift
+            hint = ("lower --batch-size or --seq-len" if batch_size * seq_len > 1 else
+                    "the corpus is too short to train on")
+            raise CorpusError(f"the training split has {self.n:,} characters; batch size "
+                              f"{batch_size} x window {seq_len} needs at least {need:,} (a "
+                              f"window per stream, plus a window's random shift); {hint}")
         self.rng = np.random.default_rng(seed)
         self.epoch = 0
         self._start_epoch(int(self.rng.integers(0, seq_len)) if shift else 0)

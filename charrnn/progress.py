@@ -1,6 +1,6 @@
 """Training progress for the terminal: a rich progress bar on a TTY, plain log lines otherwise.
 
-The trainer reports events through a callback (start, log, rollback, end); this turns them
+The trainer reports events through a callback (start, log, rollback, stopping, end); this turns them
 into output on stderr, so stdout stays clean for piping.
 """
 
@@ -41,8 +41,21 @@ class Reporter:
             self.console.print(f"[yellow]step {ev['step']}: non-finite or exploding gradient "
                                f"(loss {ev['loss']:.4g}, |g| {ev['grad_norm']:.4g}); step skipped, "
                                f"learning rate scaled to {ev['lr_scale']:g}x[/]", markup=True)
+        elif kind == "stopping":
+            self._stopping(ev)
         elif kind == "end":
             self.close()
+
+    def _stopping(self, ev):
+        if ev["signal"] != "SIGINT":
+            msg = f"{ev['signal']}: finishing step {ev['step'] + 1}, then saving"
+        elif ev["presses"] == 1:
+            msg = (f"stopping: finishing step {ev['step'] + 1}, then saving (Ctrl-C "
+                   f"{ev['presses_left']} more times quits without saving)")
+        else:
+            msg = (f"still stopping to save; Ctrl-C {ev['presses_left']} more "
+                   f"time{'s' if ev['presses_left'] > 1 else ''} quits without saving")
+        self.console.print(f"[yellow]{msg}[/]", markup=True, highlight=False)
 
     def _start(self, ev):
         if not self.live:

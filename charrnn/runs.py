@@ -126,6 +126,14 @@ class Loaded:
         self.lines = bool(self.train_cfg.lines)
         names = [n for n in tensors if not n.startswith(("train.", "data."))]
         params = {n: tensors[n] for n in names}
+        # A flipped bit or a save from blown-up weights: without this, sampling prints one
+        # character forever and eval says nan, both with exit 0. (~5 ms for 3x512.)
+        bad = next((n for n, a in params.items()
+                    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all()), None)
+        if bad is not None:
+            raise CheckpointError(f"{path}: weight {bad} holds nan or inf; hint: the file is "
+                                  "damaged or was saved from weights that blew up; use another "
+                                  "checkpoint")
         # Weights stored in float16 (exported models): sampling streams them as float16 by
         # default, the very same values in half the bytes (the model computes in float32).
         self.stored_half = any(a.dtype == np.float16 for a in params.values())

@@ -44,6 +44,9 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+STOP_PRESSES_TO_ABORT = 3  # the Ctrl-C that quits without saving
+
+
 def save_run_checkpoint(path, model: CharRNN, meta: dict, extra: dict | None = None, half=False):
     tensors = model.host_params()
     if extra:
@@ -85,6 +88,7 @@ class Trainer:
         self.norm_avg = 0.0
         self.elapsed = 0.0
         self._stop = threading.Event()
+        self.stop_signal: int | None = None  # the signal that stopped the run, if one did
 
     # -- control --------------------------------------------------------------------
     def request_stop(self):
@@ -199,23 +203,41 @@ class Trainer:
     def run(self) -> str:
         """Train up to cfg.steps. Returns why it stopped: done | early_stop | interrupted."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        old_handler = self._install_sigint()
+        old_handlers = self._install_stop_handlers()
         try:
             with open(self.run_dir / "metrics.jsonl", "a") as metrics:
                 return self._loop(metrics)
         finally:
-            if old_handler is not None:
-                signal.signal(signal.SIGINT, old_handler)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
 
-    def _install_sigint(self):
+    def _install_stop_handlers(self) -> dict:
+        """Ctrl-C, `kill` (SIGTERM, as batch schedulers send) and a closed terminal (SIGHUP)
+        all finish the step and save. A step of the flagship model takes over a second, so
+        people press Ctrl-C again: the second press only repeats that a save is coming; the
+        third quits without saving."""
         if threading.current_thread() is not threading.main_thread():
-            return None
+            return {}
+        presses = 0
 
-        def on_sigint(signum, frame):
+        def on_signal(signum, frame):
+            nonlocal presses
+            presses += 1
+            if signum == signal.SIGINT and presses >= STOP_PRESSES_TO_ABORT:
+                raise KeyboardInterrupt
+            if self.stop_signal is None:
+                self.stop_signal = signum
             self.request_stop()
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts
+            try:  # with the terminal gone (SIGHUP) there is no one to tell
+                self.callback({"kind": "stopping", "step": self.step, "presses": presses,
+                               "signal": signal.Signals(signum).name,
+                               "presses_left": STOP_PRESSES_TO_ABORT - presses})
+            except OSError:
+                pass
 
-        return signal.signal(signal.SIGINT, on_sigint)
+        names = ("SIGINT", "SIGTERM", "SIGHUP")
+        return {sig: signal.signal(sig, on_signal)
+                for sig in (getattr(signal, n, None) for n in names) if sig is not None}
 
     def _loop(self, metrics) -> str:
         cfg = self.cfg
@@ -239,7 +261,8 @@ class Trainer:
                     why = (f", over {self.loss_ceiling:.4g} ({BLOWN_UP_FACTOR:g}x where the run started)"
                            if math.isfinite(loss) else "")
                     raise TrainingDiverged(f"training diverged at step {self.step}: the loss is {loss:.4g}{why}; "
-                                           "the weights have blown up; lower --lr")
+                                           "the weights have blown up; lower --lr (a new run, "
+                                           "or --init-from its best checkpoint)")
                 rollbacks += 1
                 self.lr_scale *= 0.5
                 self.state = None

@@ -10,6 +10,7 @@ from texts import NAMES, PROSE
 
 from charrnn import checkpoint
 from charrnn.cli import main
+from charrnn.runs import Loaded
 
 
 @pytest.fixture
@@ -94,7 +95,16 @@ def test_resume_continues_to_new_step_count(runner, tmp_path):
     assert "already reached step 40 of 40" in again.output
     assert checkpoint.read_meta(Path("checkpoints/play/latest.safetensors"))["train"]["step"] == 40
     changed = runner.invoke(main, ["train", "--resume", "checkpoints/play", "--hidden", "32"])
-    assert changed.exit_code == 1 and "--hidden cannot change when resuming" in changed.output
+    assert changed.exit_code == 1 and "--hidden 32 differs from the run's 16" in changed.output
+    _fails(runner, ["train", "--resume", "checkpoints/play", "--no-lines", "--lr", "0.02"],
+           "--lr 0.02 differs from the run's 0.01")
+    _fails(runner, ["train", "--resume", "checkpoints/play", "--out", "elsewhere"],
+           "--out does not apply with --resume")
+    # the original command with --resume added: the repeated options are the run's own
+    same = ["train", str(tmp_path / "play.txt"), "--layers", "1", "--hidden", "16", "--embed", "8",
+            "--batch-size", "4", "--seq-len", "16", "--warmup", "5", "--lr", "1e-2", "--no-lines",
+            "--steps", "50", "--resume", "checkpoints/play"]
+    assert "steps 40 -> 50" in _ok(runner.invoke(main, same)).output
     # a second fresh run never overwrites the first
     _train(runner, tmp_path / "play.txt")
     assert (tmp_path / "checkpoints" / "play-2" / "best.safetensors").is_file()
@@ -152,7 +162,7 @@ def test_bad_option_values(runner, tmp_path):
     _fails(runner, ["train", "play.txt", "--dropout", "1.5"], "dropout must be in [0, 1)")
     _fails(runner, ["train", "play.txt", "--lr", "-1"], "lr must be > 0")
     _fails(runner, ["train", "play.txt", "--cell", "transformer"], "Invalid value for '--cell'", code=2)
-    _fails(runner, ["train", "play.txt", "--batch-size", "64", "--seq-len", "1000"], "too small")
+    _fails(runner, ["train", "play.txt", "--batch-size", "64", "--seq-len", "1000"], "needs at least 65,000")
     _train(runner, tmp_path / "play.txt")
     _fails(runner, ["sample", "--temp", "-1"], "temperature must be > 0, got -1.0")
     _fails(runner, ["sample", "--top-p", "1.5"], "top-p must be in (0, 1], got 1.5")
@@ -365,3 +375,57 @@ def test_default_architecture_and_checkpoints_that_do_not_state_theirs(runner, t
     del meta["model"]["residual"]
     checkpoint.save(path, tensors, meta)
     _fails(runner, ["eval", "-c", str(path)], "incomplete charrnn metadata (the model section lacks residual)")
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(runner, tmp_path):
+    """A flipped bit in a weight (or a save from blown-up weights) used to sample one
+    character forever and evaluate to nan, both with exit 0."""
+    (tmp_path / "play.txt").write_text(PROSE)
+    _train(runner, tmp_path / "play.txt")
+    tensors, meta = checkpoint.load(Path("checkpoints/play/best.safetensors"))
+    tensors["decoder.weight"][3, 1] = np.nan
+    checkpoint.save(Path("bad.safetensors"), tensors, meta)
+    for cmd in (["sample", "-n", "5"], ["eval"], ["info"]):
+        _fails(runner, [*cmd, "-c", "bad.safetensors"],
+               "bad.safetensors: weight decoder.weight holds nan or inf")
+
+
+def test_eval_of_a_file_the_model_cannot_read_names_the_models_encoding(runner, tmp_path):
+    (tmp_path / "play.txt").write_text(PROSE)
+    _train(runner, tmp_path / "play.txt")
+    Path("latin.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    _fails(runner, ["eval", "latin.txt"], "(byte 0xe9); this model reads utf-8 text")
+
+
+def test_the_default_warmup_never_takes_more_than_a_third_of_a_short_run(runner, tmp_path):
+    (tmp_path / "play.txt").write_text(PROSE)
+    args = ["train", str(tmp_path / "play.txt"), "--layers", "1", "--hidden", "8", "--embed", "4",
+            "--batch-size", "2", "--seq-len", "8", "--steps", "30", "--eval-every", "30"]
+    _ok(runner.invoke(main, [*args, "--out", "short"]))
+    assert Loaded(Path("short/best.safetensors")).train_cfg.warmup == 10
+    _ok(runner.invoke(main, [*args, "--out", "asked", "--warmup", "25"]))  # given: as given
+    assert Loaded(Path("asked/best.safetensors")).train_cfg.warmup == 25
+
+
+def test_out_of_memory_and_ctrl_c_end_in_one_line_and_leave_no_run_behind(runner, tmp_path,
+                                                                           monkeypatch):
+    import charrnn.cli as cli
+
+    (tmp_path / "play.txt").write_text(PROSE)
+
+    def too_big(*a, **kw):
+        raise MemoryError("Unable to allocate 47.7 GiB for an array with shape (400000000, 16)")
+
+    with monkeypatch.context() as m:
+        m.setattr(cli, "_build_run", too_big)
+        _fails(runner, ["train", "play.txt", "--out", "big"],
+               "out of memory: Unable to allocate 47.7 GiB")
+    assert not Path("big").exists()
+    _fails(runner, ["train", "play.txt", "--out", "long", "--seq-len", "5000"], "needs at least")
+    assert not Path("long").exists()
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load", interrupted)
+    _fails(runner, ["sample", "-n", "5"], "interrupted", code=130)

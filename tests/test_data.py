@@ -259,8 +259,8 @@ def test_stream_batches_follow_the_text(tmp_path):
 
 
 def test_stream_batcher_too_small():
-    with pytest.raises(CorpusError, match="training split has 100 characters: too small for "
-                       "batch size 4 x window 30; lower --batch-size or --seq-len"):
+    with pytest.raises(CorpusError, match="training split has 100 characters; batch size 4 x "
+                       "window 30 needs at least 150 .*; lower --batch-size or --seq-len"):
         StreamBatcher(np.arange(100), 4, 30, seed=0)
     # One window fits at offset 0 but not at the largest shift, so a later epoch would fail.
     StreamBatcher(np.arange(42), 4, 10, seed=0, shift=False)
@@ -375,3 +375,20 @@ def test_line_batches_for_evaluation():
         LineBatcher(lines, 4, eos_id=None, seed=0)
     with pytest.raises(CorpusError):
         line_batches([], 4, eos_id=0)
+
+
+@pytest.mark.parametrize("B,T,shift", [(4, 8, True), (4, 8, False), (1, 1, True)])
+def test_a_split_too_small_for_the_batch_says_how_much_it_needs(B, T, shift):
+    need = B * T + (T if shift else 1)
+    StreamBatcher(np.zeros(need, np.int32), B, T, seed=0, shift=shift)  # just enough
+    with pytest.raises(CorpusError, match=f"has {need - 1} characters; batch size {B} x window "
+                                          f"{T} needs at least {need} "):
+        StreamBatcher(np.zeros(need - 1, np.int32), B, T, seed=0, shift=shift)
+
+
+def test_utf16_text_is_named_as_such_not_called_binary(tmp_path):
+    path = tmp_path / "u16.txt"
+    path.write_text("hello world\n" * 20, encoding="utf-16")
+    with pytest.raises(CorpusError, match="is UTF-16 text .*; use --encoding utf-16"):
+        scan_counts([path])
+    assert scan_counts([path], "utf-16") == Counter("hello world\n" * 20)

@@ -167,3 +167,54 @@ def test_early_stopping_after_patience_evals_without_gain(tmp_path):
     assert tr.run() == "early_stop"
     assert tr.step == 20 and tr.best_val == 1.5
     assert checkpoint.read_meta(tmp_path / "run" / "best.safetensors")["train"]["step"] == 10
+
+
+def _signalled_run(tmp_path, signals):
+    """A 40-step run that sends itself `signals`, one after another, at its first log line
+    (step 10): the handlers run in the main thread, as for a real Ctrl-C or `kill`."""
+    import os
+
+    mcfg = ModelConfig(embed=4, hidden=8, layers=1)
+    tcfg = TrainConfig(batch_size=2, seq_len=8, steps=40, eval_every=100, warmup=1, seed=0)
+    tr = _make(tmp_path, "abcabcabd " * 60, mcfg, tcfg)
+    events = []
+
+    def send(sig):  # a Python call each: its handler runs before the next signal is sent
+        os.kill(os.getpid(), sig)
+
+    def callback(ev):
+        events.append(ev)
+        if ev["kind"] == "log" and ev["step"] == 10:
+            for sig in signals:
+                send(sig)
+
+    tr.callback = callback
+    return tr, events
+
+
+@pytest.mark.parametrize("names", [["SIGINT"], ["SIGINT", "SIGINT"], ["SIGTERM"], ["SIGHUP"],
+                                   ["SIGTERM", "SIGINT"]])
+def test_ctrl_c_kill_and_hangup_finish_the_step_and_save(tmp_path, names):
+    """Ctrl-C, SIGTERM (kill, batch schedulers) and SIGHUP (a closed terminal) all save;
+    a second Ctrl-C only says a save is coming, so a user pressing twice loses nothing."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    tr, events = _signalled_run(tmp_path, [getattr(signal, n) for n in names])
+    assert tr.run() == "interrupted"
+    assert tr.stop_signal == getattr(signal, names[0])
+    saved = Loaded(tmp_path / "run" / "latest.safetensors")
+    assert saved.train_meta["step"] == tr.step < 40
+    stops = [ev for ev in events if ev["kind"] == "stopping"]
+    assert [ev["signal"] for ev in stops] == names and [ev["presses"] for ev in stops] == [1, 2][:len(names)]
+    assert tr.step == 10  # the step under way when the signal came was the last
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored after the run
+
+
+def test_a_third_ctrl_c_quits_without_saving(tmp_path):
+    import signal
+
+    tr, events = _signalled_run(tmp_path, [signal.SIGINT] * 3)
+    with pytest.raises(KeyboardInterrupt):
+        tr.run()
+    assert not (tmp_path / "run" / "latest.safetensors").exists()
