@@ -409,7 +409,7 @@ def test_the_default_warmup_never_takes_more_than_a_third_of_a_short_run(runner,
 
 def test_out_of_memory_and_ctrl_c_end_in_one_line_and_leave_no_run_behind(runner, tmp_path,
                                                                            monkeypatch):
-    import charrnn.cli as cli
+    from charrnn import cli
 
     (tmp_path / "play.txt").write_text(PROSE)
 

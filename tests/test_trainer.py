@@ -218,3 +218,4 @@ def test_a_third_ctrl_c_quits_without_saving(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         tr.run()
     assert not (tmp_path / "run" / "latest.safetensors").exists()
+    assert [ev["presses_left"] for ev in events if ev["kind"] == "stopping"] == [2, 1]
