@@ -123,6 +123,7 @@ def _out(text: str):
 
 # ---------------------------------------------------------------------------------- train
 WARMUP_SHARE = 3  # the default warm-up takes at most steps // 3
+_RUN_LOCKS: list = []  # the run directory this `train` holds (runs.lock_run), released at its end
 
 # Options that may change when a run is resumed; everything else is fixed by the run.
 RESUMABLE = {"steps", "eval_every", "patience", "device", "recompute"}
@@ -199,6 +200,16 @@ RESUMABLE = {"steps", "eval_every", "patience", "device", "recompute"}
 @click.pass_context
 def train(ctx, corpus, out, resume, init_from, **opts):
     """Train a model on CORPUS (one or more text files)."""
+    try:
+        _train(corpus, out, resume, init_from, opts, ctx)
+    finally:
+        while _RUN_LOCKS:
+            lock = _RUN_LOCKS.pop()
+            if lock is not None:
+                lock.close()
+
+
+def _train(corpus, out, resume, init_from, opts, ctx):
     from charrnn.trainer import TrainingDiverged
 
     given = {k for k in opts if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
@@ -211,6 +222,12 @@ def train(ctx, corpus, out, resume, init_from, **opts):
         if trainer.step >= trainer.cfg.steps:  # nothing to do: not an error (make, scripts)
             err.print(f"{run_dir} already reached step {trainer.step} of {trainer.cfg.steps}; pass "
                       f"--steps N (> {trainer.step}) to train further")
+            return
+        patience = trainer.cfg.patience
+        if patience and trainer.evals_without_gain >= patience:  # it would stop at the next eval
+            err.print(f"{run_dir} stopped early at step {trainer.step} ({trainer.evals_without_gain} "
+                      f"evals without a gain in val loss); pass a larger --patience, or "
+                      f"--patience 0, to train further")
             return
     else:
         trainer, run_dir = _new_run(corpus, out, opts, given, init_from)
@@ -294,7 +311,7 @@ def _init_source(init_from, opts, given):
 def _new_run(corpus, out, opts, given=frozenset(), init_from=None):
     from charrnn.data import check_file
     from charrnn.dataset import detect_lines
-    from charrnn.runs import run_meta
+    from charrnn.runs import lock_run, run_meta
     from charrnn.trainer import Trainer
 
     if not corpus:
@@ -316,7 +333,9 @@ def _new_run(corpus, out, opts, given=frozenset(), init_from=None):
             err.print("detected a list of short lines: training one example per line (--no-lines to treat it as prose)")
     run_dir = Path(out) if out else _fresh_dir(Path("checkpoints") / Path(corpus[0]).stem)
     created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
     try:
+        _RUN_LOCKS.append(lock_run(run_dir))
         data, model = _build_run(corpus, run_dir, mcfg, tcfg, given, init)
         meta = run_meta(mcfg, data, shlex.join(["charrnn", *Group.argv]))
         if init:
@@ -373,12 +392,13 @@ def _opt_text(v) -> str:
 def _resume(resume, corpus, opts, given):
     from charrnn.checkpoint import read_meta
     from charrnn.dataset import build_dataset
-    from charrnn.runs import Loaded, run_checkpoint
+    from charrnn.runs import Loaded, lock_run, run_checkpoint
     from charrnn.trainer import Trainer
 
     run_dir = Path(resume)
     if not run_dir.is_dir():
         raise UserError(f"no run directory at {run_dir}; pass the directory given by `charrnn train`")
+    _RUN_LOCKS.append(lock_run(run_dir))  # before anything of the run is read or trimmed
     path = run_checkpoint(run_dir, prefer="latest")
     saved = read_meta(path).get("train", {}).get("config", {}).get("device", "auto")
     loaded = Loaded(path, _backend_name(opts["device"] if "device" in given else saved))
@@ -493,7 +513,8 @@ def names(ckpt, count, temp, top_k, top_p, seed, min_len, max_len, start, contai
     run.vocab.encode(contains)  # a character the model never writes: fail now, not after every try
     flt = NameFilter(min_len, max_len, start, contains, allow_seen)
     found = generate_names(run.model, run.vocab, count, flt, run.seen, temp, top_k, top_p, seed)
-    loosen = "loosen --min-len/--max-len/--start/--contains or raise --temp"
+    loosen = "loosen --min-len/--max-len/--start/--contains or raise --temp" + (
+        "" if allow_seen else "; the likeliest names are often real ones: --allow-seen keeps them")
     if not found:
         raise UserError(f"none of the candidates passed the filters; hint: {loosen}")
     shown = [s.title() for s in found] if lower else found
@@ -656,6 +677,7 @@ def info(ckpt, as_json):
         "train": t.get("config", {}),
         "command": run.meta.get("command"),
         "corpus": run.meta.get("corpus"),
+        "init_from": run.meta.get("init_from"),  # fine-tuned runs: the checkpoint they began from
     }
     if as_json:
         _out(json.dumps(summary) + "\n")
@@ -667,12 +689,16 @@ def info(ckpt, as_json):
         (f"model       {m['cell']} {m['layers']}x{m['hidden']}, embed {m['embed']}, dropout {m['dropout']}, "
          f"rec-dropout {m['rec_dropout']}, residual {m['residual']}"),
         f"parameters  {summary['parameters']:,}",
-        f"vocab       {summary['vocab_size']} tokens ({summary['mode']} mode): {summary['vocab']!r}",
+        (f"vocab       {summary['vocab_size']} tokens ({summary['mode']} mode): {summary['vocab']!r}"
+         + "".join(f" + {tok}" for tok in run.vocab.tokens if len(tok) > 1)),
         (f"trained     step {summary['step']}, epoch {summary['epoch'] or 0:.2f}, "
          f"{(summary['elapsed_s'] or 0) / 60:.1f} min"),
         f"best val    {'-' if best is None else f'{best:.4f} nats/char ({best / LN2:.4f} bits)'}",
         f"command     {summary['command']}",
     ]
+    start = summary["init_from"]
+    if isinstance(start, dict) and start.get("path"):
+        lines.append(f"init from   {start['path']} ({start.get('fingerprint', 'no fingerprint')})")
     _out("\n".join(lines) + "\n")
 
 

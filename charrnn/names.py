@@ -30,7 +30,8 @@ class NameFilter:
         if self.min_len < 1:
             raise ValueError(f"min-len must be >= 1, got {self.min_len}")
         if self.max_len < self.min_len:
-            raise ValueError(f"max-len ({self.max_len}) must be >= min-len ({self.min_len})")
+            raise ValueError(f"--min-len {self.min_len} is over --max-len {self.max_len}; raise "
+                             "--max-len too")
         if len(self.start) > self.max_len:
             raise ValueError(f"start {self.start!r} is longer than max-len ({self.max_len})")
         if len(self.contains) > self.max_len:

@@ -8,6 +8,7 @@ the package in the repository.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,6 +34,34 @@ def run_checkpoint(run_dir: Path, prefer: str = "best") -> Path:
             return p
     raise CheckpointError(f"{run_dir} holds no best.safetensors or latest.safetensors; "
                           "hint: pass a run directory made by `charrnn train` or a checkpoint file")
+
+
+class RunBusy(ValueError):
+    """Another process is training this run directory."""
+
+
+def lock_run(run_dir: Path):
+    """Hold run_dir/.lock until the returned file is closed (or the process ends, however it
+    ends). A second `charrnn train` on the same run (say --resume from another shell) would
+    trim and interleave our metrics and overwrite our checkpoints with its own."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this platform: go on unguarded
+        return None
+    f = open(Path(run_dir) / ".lock", "a+")  # noqa: SIM115 -- held open: it is the lock
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        raise RunBusy(f"{run_dir} is being trained by another process (pid {pid}); wait for it, "
+                      "or stop it (Ctrl-C saves) and resume") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 def newest_run(root: Path = Path("checkpoints")) -> Path | None:

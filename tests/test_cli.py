@@ -429,3 +429,35 @@ def test_out_of_memory_and_ctrl_c_end_in_one_line_and_leave_no_run_behind(runner
 
     monkeypatch.setattr(cli, "_load", interrupted)
     _fails(runner, ["sample", "-n", "5"], "interrupted", code=130)
+
+
+def test_a_run_being_trained_cannot_be_trained_by_a_second_process(runner, tmp_path):
+    """The lock is an flock on RUN/.lock, held per open file: a second open in this process
+    stands in for the second `charrnn train` (--resume from another shell)."""
+    import os
+
+    from charrnn import runs
+
+    (tmp_path / "play.txt").write_text(PROSE)
+    _train(runner, tmp_path / "play.txt")
+    other = runs.lock_run(Path("checkpoints/play"))  # "the other process"
+    try:
+        _fails(runner, ["train", "--resume", "checkpoints/play", "--steps", "40"],
+               f"checkpoints/play is being trained by another process (pid {os.getpid()})")
+        _fails(runner, ["train", str(tmp_path / "play.txt"), "--out", "checkpoints/play"],
+               "already holds a run")
+    finally:
+        other.close()
+    _ok(runner.invoke(main, ["train", "--resume", "checkpoints/play", "--steps", "40"]))
+
+
+def test_resuming_a_run_that_stopped_early_says_so_instead_of_training_on(runner, tmp_path):
+    (tmp_path / "play.txt").write_text(PROSE)
+    frozen = ["--lr", "1e-30", "--patience", "1", "--out", "pt"]  # val never improves again
+    res = _train(runner, tmp_path / "play.txt", *frozen)
+    assert "stopped early (no val gain) at step 20" in res.output
+    again = _ok(runner.invoke(main, ["train", "--resume", "pt"]))
+    assert "pt stopped early at step 20 (1 evals without a gain in val loss)" in again.output
+    assert checkpoint.read_meta(Path("pt/latest.safetensors"))["train"]["step"] == 20
+    more = _ok(runner.invoke(main, ["train", "--resume", "pt", "--patience", "0"]))
+    assert "done at step 30" in more.output

@@ -57,6 +57,8 @@ def test_starts_from_the_checkpoint_weights_with_its_architecture_and_vocab(runn
     assert meta["vocab"] == src["vocab"]
     assert meta["init_from"]["fingerprint"] == fingerprint([base])
     assert meta["init_from"]["path"] == str(base.resolve())
+    shown = _run(runner, "info", "-c", "checkpoints/tuned").output
+    assert f"init from   {base.resolve()} ({fingerprint([base])})" in shown
 
 
 def test_fine_tuning_starts_where_the_checkpoint_left_off(runner):

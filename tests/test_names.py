@@ -147,7 +147,7 @@ def test_an_exhausted_model_stops_instead_of_running_out_a_huge_budget(model_voc
 
 def test_bad_requests(model_vocab):
     model, vocab = model_vocab
-    with pytest.raises(ValueError, match="max-len \\(2\\) must be >= min-len \\(3\\)"):
+    with pytest.raises(ValueError, match="--min-len 3 is over --max-len 2; raise --max-len too"):
         generate_names(model, vocab, 5, NameFilter(min_len=3, max_len=2), set())
     with pytest.raises(ValueError, match="n must be >= 1"):
         generate_names(model, vocab, 0, NameFilter(), set())
