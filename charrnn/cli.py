@@ -122,6 +122,7 @@ def _out(text: str):
 
 
 # ---------------------------------------------------------------------------------- train
+_DEVICE_NAMES = {"reference": "numpy"}  # backend name -> what --device calls it
 WARMUP_SHARE = 3  # the default warm-up takes at most steps // 3
 _RUN_LOCKS: list = []  # the run directory this `train` holds (runs.lock_run), released at its end
 
@@ -234,7 +235,8 @@ def _train(corpus, out, resume, init_from, opts, ctx):
     cfg = trainer.cfg
     err.print(f"run [bold]{escape(str(run_dir))}[/]: {trainer.model.cfg.cell} {trainer.model.cfg.layers}x{trainer.model.cfg.hidden}, "
               f"{trainer.model.num_params():,} parameters, vocab {len(trainer.data.vocab)}, "
-              f"device {trainer.model.backend.name}, steps {trainer.step} -> {cfg.steps}", markup=True)
+              f"device {_DEVICE_NAMES.get(trainer.model.backend.name, trainer.model.backend.name)}, "
+              f"steps {trainer.step} -> {cfg.steps}", markup=True)
     from charrnn.progress import Reporter
 
     reporter = Reporter(err, live=err.is_terminal)

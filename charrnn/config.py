@@ -129,8 +129,8 @@ class SampleConfig:
     def validate(self) -> SampleConfig:
         if self.length < 0:
             raise ValueError(f"length must be >= 0, got {self.length}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"temperature must be > 0 and finite, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top-k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
