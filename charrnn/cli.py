@@ -453,6 +453,7 @@ def sample(ckpt, length, temps, top_k, top_p, argmax, prime, seed, half, device)
     temps = temps or (SampleConfig.temperature,)
     cfgs = [SampleConfig(length, t, top_k, top_p, prime, seed, argmax, half).validate() for t in temps]
     run = _load(ckpt, device, "run")
+    _say_which(ckpt, run)
     if half is None:  # float16 on the host path only (the CUDA generator streams float32)
         half = run.stored_half and run.model.backend.name != "cuda"
     for cfg in cfgs:
@@ -468,6 +469,13 @@ def sample(ckpt, length, temps, top_k, top_p, argmax, prime, seed, half, device)
         for piece in pieces:
             _out(piece)
         _out("\n")
+
+
+def _say_which(ckpt, run):
+    """Without -c the newest run is taken, which may not be the one meant: say which, on a
+    terminal (scripts' stderr stays as it was)."""
+    if ckpt is None and err.is_terminal:
+        err.print(f"checkpoint: {run.path}", style="dim", highlight=False)
 
 
 def _after_status(items, message):
@@ -572,6 +580,7 @@ def eval_cmd(ctx, ckpt, file, split, batch_size, seq_len, dynamic, dyn_lr, dyn_d
     if dynamic:
         check_options(**dyn_opts)  # before minutes of static evaluation, not after
     run = _load(ckpt, device, "run")
+    _say_which(ckpt, run)
     if dynamic and run.lines:
         raise UserError(f"{run.path} is a lines (names) model: every line starts from a fresh state, "
                         "so there is no running text for --dynamic to adapt to; use a prose model")

@@ -462,3 +462,24 @@ def test_resuming_a_run_that_stopped_early_says_so_instead_of_training_on(runner
     assert checkpoint.read_meta(Path("pt/latest.safetensors"))["train"]["step"] == 20
     more = _ok(runner.invoke(main, ["train", "--resume", "pt", "--patience", "0"]))
     assert "done at step 30" in more.output
+
+
+def test_sample_and_eval_name_the_checkpoint_they_picked_on_a_terminal(runner, tmp_path,
+                                                                       monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from charrnn import cli
+
+    (tmp_path / "play.txt").write_text(PROSE)
+    _train(runner, tmp_path / "play.txt")
+    tty = io.StringIO()
+    monkeypatch.setattr(cli, "err", Console(file=tty, force_terminal=True, width=200))
+    for cmd in (["sample", "-n", "5"], ["eval"]):
+        _ok(runner.invoke(main, cmd))
+        assert "checkpoint: checkpoints/play/best.safetensors" in tty.getvalue()
+        tty.seek(0)
+        tty.truncate()
+        _ok(runner.invoke(main, [*cmd, "-c", "checkpoints/play"]))  # named by the user: quiet
+        assert "checkpoint:" not in tty.getvalue()
