@@ -127,7 +127,7 @@ WARMUP_SHARE = 3  # the default warm-up takes at most steps // 3
 _RUN_LOCKS: list = []  # the run directory this `train` holds (runs.lock_run), released at its end
 
 # Options that may change when a run is resumed; everything else is fixed by the run.
-RESUMABLE = {"steps", "eval_every", "patience", "device", "recompute"}
+RESUMABLE = {"steps", "eval_every", "patience", "device", "recompute", "keep_every"}
 
 
 @main.command()
@@ -184,6 +184,9 @@ RESUMABLE = {"steps", "eval_every", "patience", "device", "recompute"}
 @click.option("--eval-max-chars", type=int, default=TrainConfig.eval_max_chars,
               help="cap validation characters per eval (0: all)")
 @click.option("--patience", type=int, default=TrainConfig.patience, help="early stopping after N evals without gain")
+@click.option("--keep-every", type=int, default=TrainConfig.keep_every,
+              help="also keep the weights every N steps as RUN/step-N.safetensors, to sample from "
+                   "earlier points of the run (0: only best and latest)")
 @click.option("--seed", type=int, default=TrainConfig.seed, show_default=True,
               help="random seed for weight initialisation, batch order and dropout")
 @click.option("--lines/--no-lines", default=None, help="one example per line (default: detect)")
@@ -382,8 +385,8 @@ def _check_unchanged(fixed, opts, loaded):
         mine = getattr(cfg, k, None)
         if opts[k] != mine:
             raise UserError(f"--{k.replace('_', '-')} {_opt_text(opts[k])} differs from the run's "
-                            f"{_opt_text(mine)}; only --steps, --eval-every, --patience, --device "
-                            "and --recompute can change when resuming (to change more, start a new "
+                            f"{_opt_text(mine)}; only --steps, --eval-every, --patience, --keep-every, "
+                            "--device and --recompute can change when resuming (to change more, start a new "
                             "run with --init-from)")
 
 

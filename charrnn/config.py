@@ -83,6 +83,7 @@ class TrainConfig:
     eval_every: int = 200  # steps between validation passes and checkpoints
     eval_max_chars: int = 0  # cap on validation characters per pass (0: the whole split)
     patience: int = 0  # early stopping: evals without improvement before stopping (0: off)
+    keep_every: int = 0  # also keep the weights every N steps as step-N.safetensors (0: off)
     seed: int = 1337  # seed for initialisation, batch order and dropout
     lines: bool = False  # one example per line, framed by start/end tokens, padded and masked
     encoding: str = "utf-8"  # corpus text encoding, or "bytes" to model raw bytes
@@ -94,7 +95,7 @@ class TrainConfig:
         for name in ("batch_size", "seq_len", "steps", "eval_every", "decay_every"):
             _check_positive(name, getattr(self, name))
         for name in ("warmup", "patience", "test_count", "max_vocab", "eval_max_chars", "recompute", "seed",
-                     "split_seed"):
+                     "split_seed", "keep_every"):
             _check_positive(name, getattr(self, name), allow_zero=True)
         _check_positive("lr", self.lr)
         _check_positive("epochs", self.epochs, allow_zero=True)

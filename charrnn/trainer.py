@@ -123,6 +123,14 @@ class Trainer:
         meta = dict(self.meta, train=self._train_meta())
         save_run_checkpoint(self.run_dir / f"{name}.safetensors", self.model, meta, extra)
 
+    def save_snapshot(self):
+        """The weights (and the novelty filter's lines) at this step, for sampling from an
+        earlier point of the run: no optimizer or data state, so a third of `latest`'s size."""
+        extra = {"data.seen": seen_tensor(self.data.seen)} if self.data.seen is not None else None
+        meta = dict(self.meta, train={k: v for k, v in self._train_meta().items()
+                                      if k in ("config", "step", "epoch", "best_val", "elapsed_s")})
+        save_run_checkpoint(self.run_dir / f"step-{self.step:07d}.safetensors", self.model, meta, extra)
+
     def restore(self, tensors: dict, train_meta: dict):
         """Continue from a `latest` checkpoint's training state (params are already loaded)."""
         be = self.model.backend
@@ -276,6 +284,8 @@ class Trainer:
             self.step += 1
             self.epoch = batch.epoch
             self.elapsed += time.perf_counter() - t0
+            if cfg.keep_every and self.step % cfg.keep_every == 0:
+                self.save_snapshot()
             acc_loss, acc_n, acc_chars = acc_loss + loss, acc_n + 1, acc_chars + n
             do_eval = self.step % cfg.eval_every == 0 or self.step == cfg.steps
             if self.step % LOG_EVERY == 0 or do_eval:

@@ -483,3 +483,21 @@ def test_sample_and_eval_name_the_checkpoint_they_picked_on_a_terminal(runner, t
         tty.truncate()
         _ok(runner.invoke(main, [*cmd, "-c", "checkpoints/play"]))  # named by the user: quiet
         assert "checkpoint:" not in tty.getvalue()
+
+
+def test_keep_every_leaves_weight_snapshots_to_sample_from(runner, tmp_path):
+    (tmp_path / "play.txt").write_text(PROSE)
+    _train(runner, tmp_path / "play.txt", "--keep-every", "10")
+    run = Path("checkpoints/play")
+    snaps = sorted(p.name for p in run.glob("step-*.safetensors"))
+    assert snaps == ["step-0000010.safetensors", "step-0000020.safetensors", "step-0000030.safetensors"]
+    tensors, meta = checkpoint.load(run / "step-0000020.safetensors")
+    latest, _ = checkpoint.load(run / "latest.safetensors")
+    assert meta["train"]["step"] == 20 and not any(n.startswith("train.") for n in tensors)
+    assert tensors.keys() == {n for n in latest if not n.startswith(("train.", "data."))}
+    assert len(_ok(runner.invoke(main, ["sample", "-c", str(run / "step-0000010.safetensors"),
+                                        "-n", "20", "--seed", "1"])).output) >= 20
+    assert Loaded(run / "best.safetensors").train_cfg.keep_every == 10
+    # --keep-every may change on --resume
+    _ok(runner.invoke(main, ["train", "--resume", str(run), "--steps", "40", "--keep-every", "20"]))
+    assert (run / "step-0000040.safetensors").is_file()
