@@ -224,7 +224,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     results: dict[str, dict[str, Cell]] = {}
     measure_workers(rows, args.quick, results,
-                    args.worker_timeout or WORKER_TIMEOUT_S[args.quick])
+                    WORKER_TIMEOUT_S[args.quick] if args.worker_timeout is None
+                    else args.worker_timeout)
     rss_rows(rows, results)
     cli_rows(rows, args.quick, results)
     body = render(args, rows, results)

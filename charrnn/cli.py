@@ -29,9 +29,19 @@ from charrnn.config import ARCHITECTURE, ModelConfig, SampleConfig, TrainConfig,
 from charrnn.data import CorpusError
 from charrnn.dynamic_eval import DYN_CLIP, DYN_DECAY, DYN_LR, DYN_SEQ_LEN
 
+
+class _ErrConsole(Console):
+    """stderr. When its reader is gone (`2>&1 | tee log` and the terminal closed), rich's
+    default exits (and points stdout at /dev/null): a training run would end before it
+    saves. Go quiet instead."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+
+
 # markup=False: messages hold user text (paths, names) that may contain [brackets]; the few
 # styled lines opt in with markup=True and escape() what they interpolate.
-err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+err = _ErrConsole(stderr=True, highlight=False, soft_wrap=True, markup=False)
 LN2 = math.log(2)
 
 
@@ -110,10 +120,10 @@ def _backend_name(device: str, small_job: bool = False) -> str:
     return device
 
 
-def _load(ckpt, device, default, small_job=False):
+def _load(ckpt, device, default, small_job=False, finite=True):
     from charrnn.runs import Loaded, resolve
 
-    return Loaded(resolve(ckpt, default), _backend_name(device, small_job))
+    return Loaded(resolve(ckpt, default), _backend_name(device, small_job), finite=finite)
 
 
 def _out(text: str):
@@ -253,8 +263,11 @@ def _train(corpus, out, resume, init_from, opts, ctx):
         reporter.close()
     resume_cmd = f"charrnn train --resume {shlex.quote(str(run_dir))}"
     if reason == "interrupted":
-        err.print(f"interrupted at step {trainer.step}; saved {run_dir / 'latest.safetensors'}\n"
-                  f"resume with: {resume_cmd}")
+        try:  # a hung-up terminal (SIGHUP) cannot be told: the save is done, the status stands
+            err.print(f"interrupted at step {trainer.step}; saved {run_dir / 'latest.safetensors'}\n"
+                      f"resume with: {resume_cmd}")
+        except OSError:
+            pass
         sys.exit(128 + (trainer.stop_signal or signal.SIGINT))  # the shell's convention
     best = trainer.best_val
     msg = "stopped early (no val gain)" if reason == "early_stop" else "done"
@@ -275,14 +288,36 @@ def _holds_run(d: Path) -> bool:
     return d.is_dir() and any(d.glob("*.safetensors"))
 
 
-def _fresh_dir(base: Path) -> Path:
-    """base, or base-2, base-3, ... : never overwrite an existing run (a directory holding a
-    checkpoint); a directory left by a run that failed before its first checkpoint is reused."""
+def _claim(run_dir: Path) -> bool:
+    """Create (if need be) and lock run_dir for this process; True if this call created it.
+    One mkdir decides "created", so two processes starting on one new directory cannot both
+    think it theirs (the loser must never delete it). Raises RunBusy while another trains it."""
+    from charrnn.runs import lock_run
 
-    candidate, n = base, 2
-    while _holds_run(candidate):
+    try:
+        run_dir.mkdir(parents=True)
+        created = True
+    except FileExistsError:
+        created = False
+    _RUN_LOCKS.append(lock_run(run_dir))
+    return created
+
+
+def _claim_fresh(base: Path) -> tuple[Path, bool]:
+    """base, or base-2, base-3, ...: never an existing run (a directory holding a checkpoint)
+    nor one another process is training (it has no checkpoint before its first eval); a
+    directory left by a run that failed before its first checkpoint is reused."""
+    from charrnn.runs import RunBusy
+
+    n = 2
+    candidate = base
+    while True:
+        if not _holds_run(candidate):
+            try:
+                return candidate, _claim(candidate)
+            except RunBusy:
+                pass
         candidate, n = Path(f"{base}-{n}"), n + 1
-    return candidate
 
 
 # What --init-from takes from the checkpoint. The architecture and vocabulary must match its
@@ -316,7 +351,7 @@ def _init_source(init_from, opts, given):
 def _new_run(corpus, out, opts, given=frozenset(), init_from=None):
     from charrnn.data import check_file
     from charrnn.dataset import detect_lines
-    from charrnn.runs import lock_run, run_meta
+    from charrnn.runs import run_meta
     from charrnn.trainer import Trainer
 
     if not corpus:
@@ -336,11 +371,12 @@ def _new_run(corpus, out, opts, given=frozenset(), init_from=None):
         tcfg.lines = detect_lines(list(corpus), tcfg.encoding)
         if tcfg.lines:
             err.print("detected a list of short lines: training one example per line (--no-lines to treat it as prose)")
-    run_dir = Path(out) if out else _fresh_dir(Path("checkpoints") / Path(corpus[0]).stem)
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        _RUN_LOCKS.append(lock_run(run_dir))
+    if out:
+        run_dir = Path(out)
+        created = _claim(run_dir)
+    else:
+        run_dir, created = _claim_fresh(Path("checkpoints") / Path(corpus[0]).stem)
+    try:  # the directory is ours from here: locked, and created by us if `created`
         data, model = _build_run(corpus, run_dir, mcfg, tcfg, given, init)
         meta = run_meta(mcfg, data, shlex.join(["charrnn", *Group.argv]))
         if init:
@@ -553,7 +589,7 @@ def names(ckpt, count, temp, top_k, top_p, seed, min_len, max_len, start, contai
               help="without FILE: which split of the run's corpus")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="parallel text streams, each starting from a zero state (prose models; lines "
-                   "models ignore it)  [default: the run's, as its validation loss was measured]")
+                   "models ignore it)  [default: the run's]")
 @click.option("--seq-len", type=click.IntRange(min=1), default=None,
               help=f"characters per window  [default: the run's; {DYN_SEQ_LEN} for the --dynamic pass]")
 @click.option("--dynamic", is_flag=True,
@@ -673,7 +709,7 @@ def score(ckpt, texts, as_json, device):
 @click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
 def info(ckpt, as_json):
     """Summarise a checkpoint: config, parameters, vocabulary, step, losses, command."""
-    run = _load(ckpt, "cpu", "run")
+    run = _load(ckpt, "cpu", "run", finite=False)  # show a damaged file, flagged, not refuse it
     t = run.train_meta
     summary = {
         "checkpoint": str(run.path),
@@ -692,6 +728,7 @@ def info(ckpt, as_json):
         "command": run.meta.get("command"),
         "corpus": run.meta.get("corpus"),
         "init_from": run.meta.get("init_from"),  # fine-tuned runs: the checkpoint they began from
+        "nonfinite_weight": run.nonfinite,  # a damaged file: the first weight holding nan/inf
     }
     if as_json:
         _out(json.dumps(summary) + "\n")
@@ -713,6 +750,9 @@ def info(ckpt, as_json):
     start = summary["init_from"]
     if isinstance(start, dict) and start.get("path"):
         lines.append(f"init from   {start['path']} ({start.get('fingerprint', 'no fingerprint')})")
+    if run.nonfinite:
+        lines.append(f"DAMAGED     weight {run.nonfinite} holds nan or inf: sample, eval and "
+                     "train refuse this file")
     _out("\n".join(lines) + "\n")
 
 

@@ -76,9 +76,11 @@ def _chunks(path: Path, encoding: str, chunk_bytes: int):
         # UTF-16/32 text is full of NULs, so the binary sniff would misfire there.
         wide = codecs.lookup(encoding).name.startswith(("utf-16", "utf-32"))
         head = f.read(_SNIFF_BYTES)
-        if not wide and head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-            raise CorpusError(f"{path} is UTF-16 text (it starts with a byte-order mark); use "
-                              "--encoding utf-16")
+        for bits, boms in ((32, (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)),  # FF FE 00 00 first
+                           (16, (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))):
+            if not wide and head.startswith(boms):
+                raise CorpusError(f"{path} is UTF-{bits} text (it starts with a byte-order "
+                                  f"mark); use --encoding utf-{bits}")
         if not wide and b"\0" in head:
             raise CorpusError(f"{path} looks binary (NUL bytes); use --encoding bytes to model "
                               "raw bytes")

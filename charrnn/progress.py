@@ -32,6 +32,16 @@ class Reporter:
         self.best = math.inf
 
     def __call__(self, ev: dict):
+        """Never lets a failed write end the training: with stderr gone (a hung-up terminal)
+        the run goes on, and saves, without a word."""
+        try:
+            self._report(ev)
+        except OSError:
+            self.console.quiet = True
+        except RuntimeError:  # a signal's message re-entering a write in progress: drop it
+            pass
+
+    def _report(self, ev: dict):
         kind = ev["kind"]
         if kind == "start":
             self._start(ev)
@@ -84,5 +94,8 @@ class Reporter:
 
     def close(self):
         if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
+            progress, self.progress = self.progress, None
+            try:
+                progress.stop()
+            except OSError:
+                self.console.quiet = True

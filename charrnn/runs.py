@@ -125,7 +125,9 @@ def _section(meta: dict, key: str, default=None) -> dict:
 class Loaded:
     """A checkpoint made usable: model, vocab, configs, metadata and its extra tensors."""
 
-    def __init__(self, path: Path, device: str = "cpu", backend=None):
+    def __init__(self, path: Path, device: str = "cpu", backend=None, finite: bool = True):
+        """finite=False loads weights that hold nan or inf (`info` shows them) instead of
+        refusing them; self.nonfinite names the first such weight."""
         from charrnn.backend import get_backend
 
         tensors, meta = checkpoint.load(path, keep_half=True)
@@ -159,7 +161,8 @@ class Loaded:
         # character forever and eval says nan, both with exit 0. (~5 ms for 3x512.)
         bad = next((n for n, a in params.items()
                     if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all()), None)
-        if bad is not None:
+        self.nonfinite = bad
+        if bad is not None and finite:
             raise CheckpointError(f"{path}: weight {bad} holds nan or inf; hint: the file is "
                                   "damaged or was saved from weights that blew up; use another "
                                   "checkpoint")

@@ -236,16 +236,17 @@ class Trainer:
             if self.stop_signal is None:
                 self.stop_signal = signum
             self.request_stop()
-            try:  # with the terminal gone (SIGHUP) there is no one to tell
+            try:  # this runs between any two bytecodes of the step: nothing may escape it
                 self.callback({"kind": "stopping", "step": self.step, "presses": presses,
                                "signal": signal.Signals(signum).name,
                                "presses_left": STOP_PRESSES_TO_ABORT - presses})
-            except OSError:
+            except (Exception, SystemExit):  # noqa: BLE001, S110 -- a lost message beats a torn step
                 pass
 
-        names = ("SIGINT", "SIGTERM", "SIGHUP")
-        return {sig: signal.signal(sig, on_signal)
-                for sig in (getattr(signal, n, None) for n in names) if sig is not None}
+        sigs = (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP"))
+        # An ignored signal stays ignored: nohup's SIGHUP, a background job's SIGINT.
+        return {sig: signal.signal(sig, on_signal) for sig in sigs
+                if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN}
 
     def _loop(self, metrics) -> str:
         cfg = self.cfg

@@ -159,3 +159,11 @@ def test_the_gpu_kernel_profile_runs_every_kernel_and_renders(monkeypatch):
     text = gpu_kernels.render(rows, ceil, "simulator", shape, "test")
     assert text.count("\n| ") == len(rows) + 1  # header + one line a kernel
     assert "persistent layer backward" in text and "generate_ids" in text
+
+    def unavailable(*a, **kw):
+        raise ck.PersistentUnavailable("H too large for this GPU")
+
+    monkeypatch.setattr(ck, "persistent_layer_forward", unavailable)
+    rows = gpu_kernels.profile(shape, backend, lambda: None, min_time=0, chars=2)
+    text = gpu_kernels.render(rows, ceil, "simulator", shape, "test")
+    assert "| persistent layer forward | T=3, B=2, H=4 | — | not run: H too large" in text

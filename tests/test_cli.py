@@ -297,7 +297,7 @@ def test_names_picks_numba_only_for_many_names(runner, monkeypatch, count, backe
 
     chosen = []
 
-    def loaded(path, name):
+    def loaded(path, name, finite=True):
         chosen.append(name)
         raise SystemExit(0)  # the choice is all this test reads
 
@@ -386,9 +386,11 @@ def test_a_checkpoint_with_nan_weights_is_refused(runner, tmp_path):
     tensors, meta = checkpoint.load(Path("checkpoints/play/best.safetensors"))
     tensors["decoder.weight"][3, 1] = np.nan
     checkpoint.save(Path("bad.safetensors"), tensors, meta)
-    for cmd in (["sample", "-n", "5"], ["eval"], ["info"]):
+    for cmd in (["sample", "-n", "5"], ["eval"], ["score", "ab"]):
         _fails(runner, [*cmd, "-c", "bad.safetensors"],
                "bad.safetensors: weight decoder.weight holds nan or inf")
+    shown = _ok(runner.invoke(main, ["info", "-c", "bad.safetensors"])).output  # shows, flagged
+    assert "DAMAGED     weight decoder.weight holds nan or inf" in shown
 
 
 def test_eval_of_a_file_the_model_cannot_read_names_the_models_encoding(runner, tmp_path):
@@ -450,6 +452,15 @@ def test_a_run_being_trained_cannot_be_trained_by_a_second_process(runner, tmp_p
     finally:
         other.close()
     _ok(runner.invoke(main, ["train", "--resume", "checkpoints/play", "--steps", "40"]))
+    # a run still before its first checkpoint: a second one on the same corpus goes next door
+    Path("checkpoints/play-2").mkdir()
+    other = runs.lock_run(Path("checkpoints/play-2"))
+    try:
+        res = _train(runner, tmp_path / "play.txt")
+    finally:
+        other.close()
+    assert "run checkpoints/play-3:" in res.output
+    assert not any(Path("checkpoints/play-2").glob("*.safetensors"))
 
 
 def test_resuming_a_run_that_stopped_early_says_so_instead_of_training_on(runner, tmp_path):
@@ -501,3 +512,28 @@ def test_keep_every_leaves_weight_snapshots_to_sample_from(runner, tmp_path):
     # --keep-every may change on --resume
     _ok(runner.invoke(main, ["train", "--resume", str(run), "--steps", "40", "--keep-every", "20"]))
     assert (run / "step-0000040.safetensors").is_file()
+
+
+def test_a_dead_stderr_never_ends_training_before_its_save():
+    """A hung-up terminal (writes fail with EIO) or a reader gone from the pipe: the
+    reporter goes quiet instead of raising into the training loop or its signal handler."""
+    from rich.console import Console
+
+    from charrnn import cli
+    from charrnn.progress import Reporter
+
+    class HungUp:
+        def write(self, s):
+            raise OSError(5, "Input/output error")
+
+        def flush(self):
+            raise OSError(5, "Input/output error")
+
+    console = Console(file=HungUp(), force_terminal=False)
+    rep = Reporter(console, live=False)
+    rep({"kind": "stopping", "step": 3, "presses": 1, "signal": "SIGHUP", "presses_left": 2})
+    assert console.quiet
+    rep({"kind": "end"})
+    gone = cli._ErrConsole(file=HungUp())
+    gone.on_broken_pipe()  # rich's own would raise SystemExit(1) (and point stdout at /dev/null)
+    assert gone.quiet

@@ -386,9 +386,10 @@ def test_a_split_too_small_for_the_batch_says_how_much_it_needs(B, T, shift):
         StreamBatcher(np.zeros(need - 1, np.int32), B, T, seed=0, shift=shift)
 
 
-def test_utf16_text_is_named_as_such_not_called_binary(tmp_path):
-    path = tmp_path / "u16.txt"
-    path.write_text("hello world\n" * 20, encoding="utf-16")
-    with pytest.raises(CorpusError, match="is UTF-16 text .*; use --encoding utf-16"):
+@pytest.mark.parametrize("codec", ["utf-16", "utf-32"])  # UTF-32-LE's mark begins as UTF-16's
+def test_utf16_and_utf32_text_is_named_as_such_not_called_binary(tmp_path, codec):
+    path = tmp_path / "wide.txt"
+    path.write_text("hello world\n" * 20, encoding=codec)
+    with pytest.raises(CorpusError, match=f"is {codec.upper()} text .*; use --encoding {codec}"):
         scan_counts([path])
-    assert scan_counts([path], "utf-16") == Counter("hello world\n" * 20)
+    assert scan_counts([path], codec) == Counter("hello world\n" * 20)

@@ -219,3 +219,16 @@ def test_a_third_ctrl_c_quits_without_saving(tmp_path):
         tr.run()
     assert not (tmp_path / "run" / "latest.safetensors").exists()
     assert [ev["presses_left"] for ev in events if ev["kind"] == "stopping"] == [2, 1]
+
+
+def test_an_ignored_hangup_stays_ignored_as_under_nohup(tmp_path):
+    import signal
+
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup does
+    try:
+        tr, events = _signalled_run(tmp_path, [signal.SIGHUP])
+        assert tr.run() == "done" and tr.step == 40
+        assert not [ev for ev in events if ev["kind"] == "stopping"]
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, old)

@@ -11,8 +11,9 @@ Every kernel loops over a grid stride (or, for row kernels, a block stride over 
 a test that sets THREADS and MAX_BLOCKS small runs several blocks on tiny shapes.
 
 Determinism: no float atomics anywhere. scatter_add_rows gives each thread a column (of a
-tile of vocabulary rows) and adds rows in order; sums (loss, sum of squares) reduce per block in a fixed tree into
-partial sums, then one block reduces those: the same grid gives the same bits every run.
+tile of vocabulary rows) and adds rows in order; sums (loss, sum of squares) reduce per
+block in a fixed tree into partial sums, then one block reduces those: the same grid gives
+the same bits every run.
 
 The persistent recurrence (`persistent_layer_forward/backward`) runs all T steps of one
 layer in one cooperative launch. Block k owns hidden units [k*U, k*U+U) and keeps the
