@@ -58,9 +58,9 @@ class Reporter:
 
     def _stopping(self, ev):
         if ev["signal"] != "SIGINT":
-            msg = f"{ev['signal']}: finishing step {ev['step'] + 1}, then saving"
+            msg = f"{ev['signal']}: finishing the step under way, then saving"
         elif ev["presses"] == 1:
-            msg = (f"stopping: finishing step {ev['step'] + 1}, then saving (Ctrl-C "
+            msg = (f"stopping: finishing the step under way, then saving (Ctrl-C "
                    f"{ev['presses_left']} more times quits without saving)")
         else:
             msg = (f"still stopping to save; Ctrl-C {ev['presses_left']} more "
