@@ -683,24 +683,47 @@ def eval_cmd(ctx, ckpt, file, split, batch_size, seq_len, dynamic, dyn_lr, dyn_d
 @click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
 @_device_option
 def score(ckpt, texts, as_json, device):
-    """Log-likelihood of each TEXT (rank candidate names: higher is more likely)."""
+    """Log-likelihood of each TEXT (rank candidate names: higher is more likely). TEXT "-"
+    reads one text a line from stdin. A text the model cannot score (a character outside its
+    vocabulary) is reported as such; the others are still scored (exit status 1 if any
+    could not be)."""
     from charrnn.evaluate import score_text
 
+    if texts == ("-",):
+        texts = tuple(line.rstrip("\r\n") for line in sys.stdin if line.strip())
+        if not texts:
+            raise UserError("no texts on stdin (score - reads one text a line)")
     run = _load(ckpt, device, "run", small_job=True)
     broken = next((t for t in texts if "\n" in t or "\r" in t), None) if run.lines else None
     if broken is not None:
         raise UserError(f"text {broken!r} spans several lines, but a lines (names) model scores one line; "
                         "hint: pass each line as its own TEXT")
     lower = run.lines and not any(t.isupper() for t in run.vocab.tokens if len(t) == 1)
-    # A lower-case names model scores "Emma" as "emma"; show what the user typed.
-    rows = [dict(score_text(run.model, run.vocab, t.lower() if lower else t, run.lines), text=t) for t in texts]
+    rows = []
+    for t in texts:
+        try:  # a lower-case names model scores "Emma" as "emma"; show what the user typed
+            rows.append(dict(score_text(run.model, run.vocab, t.lower() if lower else t, run.lines),
+                             text=t))
+        except ValueError as e:  # this text only: a ranking keeps the others
+            rows.append({"text": t, "error": str(e).splitlines()[0]})
     if as_json:
         _out(json.dumps({"checkpoint": str(run.path), "scores": rows}) + "\n")
-        return
-    width = max(len(r["text"]) for r in rows)
-    for r in rows:
-        _out(f"{r['text']:<{width}}  logprob {r['logprob']:9.3f}  {r['nats_per_token']:.3f} nats/char"
-             f"  ({r['tokens']} tokens)\n")
+    else:
+        # An undecodable argument byte (a surrogate escape, fine for a bytes model) shows as U+FFFD.
+        def printable(t):
+            return t.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+        shown = [printable(r["text"]) for r in rows]
+        width = max(map(len, shown))
+        for r, text in zip(rows, shown):
+            if "error" in r:
+                _out(f"{text:<{width}}  not scored: {printable(r['error'])}\n")
+            else:
+                _out(f"{text:<{width}}  logprob {r['logprob']:9.3f}  "
+                     f"{r['nats_per_token']:.3f} nats/char  ({r['tokens']} tokens)\n")
+    failed = sum("error" in r for r in rows)
+    if failed:
+        fail(f"{failed} of {len(rows)} texts could not be scored")
 
 
 # ---------------------------------------------------------------------------------- info

@@ -132,6 +132,13 @@ def test_names_from_a_lines_model(runner, tmp_path):
     assert by_device[0] == by_device[1]
     sc = json.loads(_ok(runner.invoke(main, ["score", "-c", ck, "--json", "Emma", "Mmaem"])).output)
     assert sc["scores"][0]["logprob"] > sc["scores"][1]["logprob"]
+    # a list on stdin; a name the model cannot spell is reported, the others still ranked
+    res = runner.invoke(main, ["score", "-c", ck, "-"], input="Emma\nJosé\n\nMmaem\n")
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    lines = res.output.splitlines()
+    assert lines[0].startswith("Emma   logprob") and lines[2].startswith("Mmaem  logprob")
+    assert lines[1].startswith("José   not scored: ") and "'é'" in lines[1]
+    assert lines[3] == "error: 1 of 3 texts could not be scored"
 
 
 # ------------------------------------------------------------------ bad input: one line, non-zero exit
