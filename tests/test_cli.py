@@ -544,3 +544,28 @@ def test_a_dead_stderr_never_ends_training_before_its_save():
     gone = cli._ErrConsole(file=HungUp())
     gone.on_broken_pipe()  # rich's own would raise SystemExit(1) (and point stdout at /dev/null)
     assert gone.quiet
+
+
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_saves_and_exits_with_128_plus_its_number(runner, tmp_path, monkeypatch, sig, code):
+    import os
+    import signal
+
+    from charrnn import progress
+
+    (tmp_path / "play.txt").write_text(PROSE)
+    report = progress.Reporter.__call__
+
+    def call(self, ev):  # the signal comes at the first log line (step 10), as from `kill`
+        report(self, ev)
+        if ev["kind"] == "log" and ev["step"] == 10:
+            os.kill(os.getpid(), getattr(signal, sig))
+
+    monkeypatch.setattr(progress.Reporter, "__call__", call)
+    res = runner.invoke(main, ["train", str(tmp_path / "play.txt"), "--layers", "1", "--hidden", "8",
+                               "--embed", "4", "--batch-size", "2", "--seq-len", "8", "--steps", "50",
+                               "--eval-every", "50", "--out", "sig"])
+    assert res.exit_code == code, res.output
+    assert "finishing the step under way, then saving" in res.output
+    assert "interrupted at step 10; saved sig/latest.safetensors" in res.output
+    assert checkpoint.read_meta(Path("sig/latest.safetensors"))["train"]["step"] == 10
