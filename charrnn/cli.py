@@ -362,6 +362,10 @@ def _new_run(corpus, out, opts, given=frozenset(), init_from=None):
     check_recompute(tcfg.recompute, mcfg.layers)  # before the corpus is read (a long encode)
     for p in corpus:
         check_file(Path(p))  # missing, a directory or empty: before anything is written
+    twice = next((p for i, p in enumerate(corpus) if Path(p).resolve() in
+                  {Path(q).resolve() for q in corpus[:i]}), None)
+    if twice is not None:
+        raise UserError(f"corpus file {twice} is given twice; each file is read once")
     if out and Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out} is a file; hint: pass a directory for the run's checkpoints")
     if out and _holds_run(Path(out)):
@@ -371,6 +375,8 @@ def _new_run(corpus, out, opts, given=frozenset(), init_from=None):
         tcfg.lines = detect_lines(list(corpus), tcfg.encoding)
         if tcfg.lines:
             err.print("detected a list of short lines: training one example per line (--no-lines to treat it as prose)")
+    if "test_count" in given and not tcfg.lines:
+        raise UserError("--test-count counts lines of a --lines corpus; for prose use --test-frac")
     if out:
         run_dir = Path(out)
         created = _claim(run_dir)
@@ -488,6 +494,9 @@ def sample(ckpt, length, temps, top_k, top_p, argmax, prime, seed, half, device)
     from charrnn import spin_for_generation
     from charrnn.sampler import generate
 
+    if argmax and len(temps) > 1:
+        raise UserError("--argmax takes the likeliest character whatever the temperature; give "
+                        "one -t at most")
     spin_for_generation()  # before anything starts numba's thread pool
     temps = temps or (SampleConfig.temperature,)
     cfgs = [SampleConfig(length, t, top_k, top_p, prime, seed, argmax, half).validate() for t in temps]
@@ -616,6 +625,8 @@ def eval_cmd(ctx, ckpt, file, split, batch_size, seq_len, dynamic, dyn_lr, dyn_d
         raise UserError(f"{given[0]} only applies with --dynamic")
     dyn_opts = {"seq_len": DYN_SEQ_LEN if seq_len is None else seq_len, "lr": dyn_lr, "decay": dyn_decay,
                 "max_norm": dyn_clip}
+    if file and ctx.get_parameter_source("split") == click.core.ParameterSource.COMMANDLINE:
+        raise UserError("--split picks a split of the run's corpus; with FILE the whole file is scored")
     if dynamic:
         check_options(**dyn_opts)  # before minutes of static evaluation, not after
     run = _load(ckpt, device, "run")
