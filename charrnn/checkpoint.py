@@ -156,6 +156,9 @@ def _open_error(path: str, e: OSError) -> CheckpointError:
 
 
 def _unreadable(path: str) -> CheckpointError:
+    if not str(path).endswith(".safetensors"):  # README.md, a corpus: not a damaged checkpoint
+        return CheckpointError(f"{path} is not a readable checkpoint (truncated or not a "
+                               f"safetensors file); {_HINT_FOREIGN}")
     return CheckpointError(f"{path} is not a readable checkpoint (truncated or not a "
                            f"safetensors file); {_HINT_UNREADABLE}")
 

@@ -305,3 +305,13 @@ def test_bad_tensors_rejected_before_writing(tmp_path):
     with pytest.raises(TypeError, match="dtype object"):
         save(path, {"w": np.array([object()])}, {})
     assert not path.exists()
+
+
+def test_a_file_that_is_not_a_checkpoint_at_all_is_not_called_damaged(tmp_path):
+    path = tmp_path / "README.md"
+    path.write_text("# a readme\n" * 20)
+    with pytest.raises(CheckpointError) as e:
+        load(path)
+    _assert_one_line(e.value, f"{path} is not a readable checkpoint",
+                     "pass a checkpoint written by `charrnn train`")
+    assert "other checkpoint" not in str(e.value)
