@@ -299,6 +299,8 @@ def _claim(run_dir: Path) -> bool:
         created = True
     except FileExistsError:
         created = False
+    except OSError as e:  # read-only, /proc, a file on the way: say what was being made
+        raise UserError(f"cannot create the run directory {run_dir}: {e.strerror or e}") from None
     _RUN_LOCKS.append(lock_run(run_dir))
     return created
 

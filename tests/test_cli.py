@@ -172,6 +172,8 @@ def test_bad_option_values(runner, tmp_path):
     _fails(runner, ["train", "play.txt", "--batch-size", "64", "--seq-len", "1000"], "needs at least 65,000")
     # options that would be ignored, or would do something else than they say
     _fails(runner, ["train", "play.txt", "./play.txt"], "corpus file ./play.txt is given twice")
+    _fails(runner, ["train", "play.txt", "--out", "play.txt/run"],
+           "cannot create the run directory play.txt/run: Not a directory")
     _fails(runner, ["train", "play.txt", "--test-count", "5"], "--test-count counts lines of a --lines corpus")
     _fails(runner, ["sample", "--argmax", "-t", "0.5", "-t", "1.0"], "give one -t at most")
     _fails(runner, ["eval", "play.txt", "--split", "test"], "with FILE the whole file is scored")
