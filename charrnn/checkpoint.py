@@ -133,12 +133,14 @@ def write_atomic(path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         # Any failure, including KeyboardInterrupt, must not leave the temp file behind.
         try:
             os.remove(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and e.filename == tmp:  # name the file the user asked for
+            raise OSError(e.errno, e.strerror, path) from None
         raise
     _fsync_dir(directory)
 

@@ -315,3 +315,11 @@ def test_a_file_that_is_not_a_checkpoint_at_all_is_not_called_damaged(tmp_path):
     _assert_one_line(e.value, f"{path} is not a readable checkpoint",
                      "pass a checkpoint written by `charrnn train`")
     assert "other checkpoint" not in str(e.value)
+
+
+def test_a_failed_atomic_write_names_the_file_asked_for_not_its_temp():
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux's /proc, where no file can be created")
+    with pytest.raises(OSError) as e:
+        checkpoint.write_atomic("/proc/chart.svg", b"<svg/>")
+    assert e.value.filename == "/proc/chart.svg" and ".tmp-" not in str(e.value)
