@@ -364,10 +364,11 @@ def _new_run(corpus, out, opts, given=frozenset(), init_from=None):
     check_recompute(tcfg.recompute, mcfg.layers)  # before the corpus is read (a long encode)
     for p in corpus:
         check_file(Path(p))  # missing, a directory or empty: before anything is written
-    twice = next((p for i, p in enumerate(corpus) if Path(p).resolve() in
-                  {Path(q).resolve() for q in corpus[:i]}), None)
-    if twice is not None:
-        raise UserError(f"corpus file {twice} is given twice; each file is read once")
+    seen = set()
+    for p in corpus:
+        if Path(p).resolve() in seen:
+            raise UserError(f"corpus file {p} is given twice; each file is read once")
+        seen.add(Path(p).resolve())
     if out and Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out} is a file; hint: pass a directory for the run's checkpoints")
     if out and _holds_run(Path(out)):
@@ -435,7 +436,11 @@ def _check_unchanged(fixed, opts, loaded):
 
 
 def _opt_text(v) -> str:
-    return {True: "on", False: "off", None: "unset"}.get(v, str(v)) if isinstance(v, (bool, type(None))) else str(v)
+    if v is None:
+        return "unset"
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    return str(v)
 
 
 def _resume(resume, corpus, opts, given):

@@ -1,7 +1,7 @@
 """Training progress for the terminal: a rich progress bar on a TTY, plain log lines otherwise.
 
-The trainer reports events through a callback (start, log, rollback, stopping, end); this turns them
-into output on stderr, so stdout stays clean for piping.
+The trainer reports events through a callback (start, log, rollback, stopping, end); this
+turns them into output on stderr, so stdout stays clean for piping.
 """
 
 from __future__ import annotations
