@@ -492,21 +492,25 @@ def _resume(resume, corpus, opts, given):
 @click.option("--argmax", is_flag=True, help="always take the most likely character")
 @click.option("--prime", default="", help="text to start from (printed first)")
 @click.option("--seed", type=int, default=None, help="same seed, same text")
+@click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True,
+              help="independent samples, each from the prime (with --seed S: seeds S, S+1, ...)")
 @click.option("--half/--no-half", default=None,
               help="stream float16 weights: faster on big models, loss change ~1e-5 nats  "
                    "[default: on when the checkpoint stores float16, as exported models do]")
 @_device_option
-def sample(ckpt, length, temps, top_k, top_p, argmax, prime, seed, half, device):
+def sample(ckpt, length, temps, top_k, top_p, argmax, prime, seed, samples, half, device):
     """Stream generated text from a checkpoint."""
     from charrnn import spin_for_generation
     from charrnn.sampler import generate
 
-    if argmax and len(temps) > 1:
-        raise UserError("--argmax takes the likeliest character whatever the temperature; give "
-                        "one -t at most")
+    if argmax and (len(temps) > 1 or samples > 1):
+        raise UserError("--argmax takes the likeliest character whatever the temperature or "
+                        "seed, so every sample would be the same; give one -t and one sample")
     spin_for_generation()  # before anything starts numba's thread pool
     temps = temps or (SampleConfig.temperature,)
-    cfgs = [SampleConfig(length, t, top_k, top_p, prime, seed, argmax, half).validate() for t in temps]
+    cfgs = [SampleConfig(length, t, top_k, top_p, prime, None if seed is None else seed + k,
+                         argmax, half).validate()
+            for t in temps for k in range(samples)]
     run = _load(ckpt, device, "run")
     _say_which(ckpt, run)
     if half is None:  # float16 on the host path only (the CUDA generator streams float32)
@@ -517,7 +521,9 @@ def sample(ckpt, length, temps, top_k, top_p, argmax, prime, seed, half, device)
     for i, cfg in enumerate(cfgs):
         cfg.prime = prime
         if len(cfgs) > 1:
-            _out(("\n" if i else "") + f"--- temperature {cfg.temperature:g} ---\n")
+            label = [f"temperature {cfg.temperature:g}"] if len(temps) > 1 else []
+            label += [f"sample {i % samples + 1}"] if samples > 1 else []
+            _out(("\n" if i else "") + f"--- {', '.join(label)} ---\n")
         pieces = _after_status(generate(run.model, run.vocab, cfg, lines=run.lines),
                                "starting the sampler (its first run compiles it: ~20 s)")
         _out(prime + next(pieces, ""))  # after the status line is gone: it erases its own line

@@ -175,7 +175,7 @@ def test_bad_option_values(runner, tmp_path):
     _fails(runner, ["train", "play.txt", "--out", "play.txt/run"],
            "cannot create the run directory play.txt/run: Not a directory")
     _fails(runner, ["train", "play.txt", "--test-count", "5"], "--test-count counts lines of a --lines corpus")
-    _fails(runner, ["sample", "--argmax", "-t", "0.5", "-t", "1.0"], "give one -t at most")
+    _fails(runner, ["sample", "--argmax", "-t", "0.5", "-t", "1.0"], "give one -t and one sample")
     _fails(runner, ["eval", "play.txt", "--split", "test"], "with FILE the whole file is scored")
     _train(runner, tmp_path / "play.txt")
     _fails(runner, ["sample", "--temp", "-1"], "temperature must be > 0 and finite, got -1.0")
@@ -576,3 +576,16 @@ def test_a_signal_saves_and_exits_with_128_plus_its_number(runner, tmp_path, mon
     assert "finishing the step under way, then saving" in res.output
     assert "interrupted at step 10; saved sig/latest.safetensors" in res.output
     assert checkpoint.read_meta(Path("sig/latest.safetensors"))["train"]["step"] == 10
+
+
+def test_several_independent_samples_in_one_command(runner, tmp_path):
+    (tmp_path / "play.txt").write_text(PROSE)
+    _train(runner, tmp_path / "play.txt")
+    both = _ok(runner.invoke(main, ["sample", "-n", "40", "--seed", "5", "--samples", "2",
+                                    "--prime", "Sp"])).output
+    first, second = (part.split("---\n", 1)[1] for part in both.split("--- sample ")[1:])
+    alone = [_ok(runner.invoke(main, ["sample", "-n", "40", "--seed", str(s), "--prime", "Sp"])).output
+             for s in (5, 6)]
+    assert both.startswith("--- sample 1 ---\n") and first.strip() == alone[0].strip()
+    assert second.strip() == alone[1].strip() and first != second
+    _fails(runner, ["sample", "--argmax", "--samples", "2"], "every sample would be the same")
