@@ -532,6 +532,27 @@ def sample(ckpt, length, temps, top_k, top_p, argmax, prime, seed, samples, half
         _out("\n")
 
 
+def _cached_split(run, split):
+    """(ids, description) of a split from the run directory's corpus.ids (the corpus as the
+    run encoded it), or (None, None): a lines run, no cache, or one that does not match the
+    checkpoint's training split (its batcher state records that split's length)."""
+    import numpy as np
+
+    from charrnn.data import split_stream
+
+    cache = run.path.parent / "corpus.ids"
+    if run.lines or not cache.is_file():
+        return None, None
+    parts = split_stream(np.memmap(cache, dtype=run.vocab.id_dtype, mode="r"),
+                         run.train_cfg.val_frac, run.train_cfg.test_frac)
+    batcher = run.train_meta.get("batcher")
+    n = batcher.get("n") if isinstance(batcher, dict) else None
+    if n is not None and len(parts[0]) != n:
+        return None, None
+    ids = dict(zip(("train", "val", "test"), parts))[split]
+    return ids, f"{split} split of {cache} (the run's encoded corpus; its files are gone)"
+
+
 def _say_which(ckpt, run):
     """Without -c the newest run is taken, which may not be the one meant: say which, on a
     terminal (scripts' stderr stays as it was)."""
@@ -662,10 +683,14 @@ def eval_cmd(ctx, ckpt, file, split, batch_size, seq_len, dynamic, dyn_lr, dyn_d
         paths = corpus.get("paths") if isinstance(corpus, dict) else None
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             paths = []  # a damaged or hand-edited record: the same as none
-        if not paths or not all(Path(p).is_file() for p in paths):
-            raise UserError(f"the run's corpus ({', '.join(paths) or 'unknown'}) is not available; pass FILE")
-        data = build_dataset(paths, cfg, vocab=run.vocab)
-        ids, source = getattr(data, split), f"{split} split of {', '.join(paths)}"
+        if paths and all(Path(p).is_file() for p in paths):
+            data = build_dataset(paths, cfg, vocab=run.vocab)
+            ids, source = getattr(data, split), f"{split} split of {', '.join(paths)}"
+        else:  # moved or deleted: a prose run directory still holds the corpus encoded
+            ids, source = _cached_split(run, split)
+            if ids is None:
+                raise UserError(f"the run's corpus ({', '.join(paths) or 'unknown'}) is not "
+                                "available; pass FILE")
     need, unit = (1, "lines") if run.lines else (2, "characters")
     if len(ids) < need:
         what, hint = ((file, "pass a longer file") if file else

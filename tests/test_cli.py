@@ -589,3 +589,15 @@ def test_several_independent_samples_in_one_command(runner, tmp_path):
     assert both.startswith("--- sample 1 ---\n") and first.strip() == alone[0].strip()
     assert second.strip() == alone[1].strip() and first != second
     _fails(runner, ["sample", "--argmax", "--samples", "2"], "every sample would be the same")
+
+
+def test_eval_of_a_run_whose_corpus_is_gone_reads_the_runs_encoded_copy(runner, tmp_path):
+    (tmp_path / "play.txt").write_text(PROSE)
+    _train(runner, tmp_path / "play.txt")
+    before = json.loads(_ok(runner.invoke(main, ["eval", "--json"])).output)
+    (tmp_path / "play.txt").rename(tmp_path / "moved.txt")
+    after = json.loads(_ok(runner.invoke(main, ["eval", "--json"])).output)
+    assert after["nats_per_char"] == before["nats_per_char"] and after["tokens"] == before["tokens"]
+    assert after["source"].startswith("val split of checkpoints/play/corpus.ids")
+    Path("checkpoints/play/corpus.ids").unlink()
+    _fails(runner, ["eval"], "is not available; pass FILE")
