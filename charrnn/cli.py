@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 import os
@@ -553,6 +554,12 @@ def _cached_split(run, split):
     return ids, f"{split} split of {cache} (the run's encoded corpus; its files are gone)"
 
 
+def _csv_line(value: str) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow([value])
+    return buf.getvalue()
+
+
 def _say_which(ckpt, run):
     """Without -c the newest run is taken, which may not be the one meant: say which, on a
     terminal (scripts' stderr stays as it was)."""
@@ -593,7 +600,7 @@ def _after_status(items, message):
 @_device_option
 def names(ckpt, count, temp, top_k, top_p, seed, min_len, max_len, start, contains, allow_seen, fmt, device):
     """Generate new first names (from the shipped model unless -c is given)."""
-    from charrnn.names import NameFilter, generate_names
+    from charrnn.names import NameFilter, iter_names
 
     SampleConfig(temperature=temp, top_k=top_k, top_p=top_p, seed=seed).validate()
     run = _load(ckpt, device, "names", small_job=count <= NUMPY_NAMES_MAX)
@@ -604,24 +611,26 @@ def names(ckpt, count, temp, top_k, top_p, seed, min_len, max_len, start, contai
         start, contains = start.lower(), contains.lower()
     run.vocab.encode(contains)  # a character the model never writes: fail now, not after every try
     flt = NameFilter(min_len, max_len, start, contains, allow_seen)
-    found = generate_names(run.model, run.vocab, count, flt, run.seen, temp, top_k, top_p, seed)
+    names_found = iter_names(run.model, run.vocab, count, flt, run.seen, temp, top_k, top_p, seed)
+    shown = (s.title() if lower else s for s in names_found)
     loosen = "loosen --min-len/--max-len/--start/--contains or raise --temp" + (
         "" if allow_seen else "; the likeliest names are often real ones: --allow-seen keeps them")
-    if not found:
+    first = next(shown, None)
+    if first is None:
         raise UserError(f"none of the candidates passed the filters; hint: {loosen}")
-    shown = [s.title() for s in found] if lower else found
-    if fmt == "json":
-        _out(json.dumps(shown) + "\n")
-    elif fmt == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["name"])
-        w.writerows([s] for s in shown)
-        _out(buf.getvalue())
-    else:
-        _out("".join(s + "\n" for s in shown))
-    if len(found) < count:
-        err.print(f"only {len(found)} of {count} names passed the filters; {loosen}")
+    found = 0
+    if fmt == "json":  # one list, printed whole at the end
+        listed = [first, *shown]
+        found = len(listed)
+        _out(json.dumps(listed) + "\n")
+    else:  # a line a name, printed as each batch of candidates yields them
+        if fmt == "csv":
+            _out("name\n")
+        for name in itertools.chain([first], shown):
+            found += 1
+            _out(_csv_line(name) if fmt == "csv" else name + "\n")
+    if found < count:
+        err.print(f"only {found} of {count} names passed the filters; {loosen}")
 
 
 # ---------------------------------------------------------------------------------- eval

@@ -102,6 +102,14 @@ def generate_names(model, vocab, n: int, flt: NameFilter, seen: set[str], temper
     """Up to n distinct names passing `flt`, drawn with the given sampling settings. Stops
     early after max_candidates tries (default 200 a name, at least 2,000), or when the new
     names of the last YIELD_WINDOW tries show that, at that rate, n are out of the budget's reach."""
+    return list(iter_names(model, vocab, n, flt, seen, temperature, top_k, top_p, seed, batch,
+                           max_candidates))
+
+
+def iter_names(model, vocab, n: int, flt: NameFilter, seen: set[str], temperature=0.8,
+               top_k=0, top_p=1.0, seed=None, batch=512, max_candidates=None):
+    """generate_names' names one at a time, as each batch of candidates yields them (a long
+    list prints as it goes, and an interrupted one keeps what it printed)."""
     if vocab.eos_id is None:
         raise ValueError("this model was not trained on lines (no end token); train with --lines")
     if n < 1:
@@ -111,16 +119,15 @@ def generate_names(model, vocab, n: int, flt: NameFilter, seen: set[str], temper
     prefix = np.asarray(vocab.encode(flt.start), np.int64) if flt.start else np.zeros(0, np.int64)
     steps = flt.max_len - len(prefix)
     budget = max_candidates or max(2000, 200 * n)
-    found: list[str] = []
-    taken: set[str] = set()
+    taken: set[str] = set()  # the names found so far
     tried = window_start = window_found = 0
-    while len(found) < n and tried < budget:
+    while len(taken) < n and tried < budget:
         if tried - window_start >= YIELD_WINDOW:
             rate = window_found / (tried - window_start)  # new names a candidate
-            if rate * (budget - tried) < n - len(found):
-                break  # out of reach at this rate
+            if rate * (budget - tried) < n - len(taken):
+                return  # out of reach at this rate
             window_start, window_found = tried, 0
-        B = min(batch, max(64, 2 * (n - len(found))))
+        B = min(batch, max(64, 2 * (n - len(taken))))
         out, length = _round(model, vocab, prefix, B, steps, temperature, top_k, top_p, rng)
         tried += B
         for name in _decode_rows(vocab, out, length):
@@ -129,8 +136,7 @@ def generate_names(model, vocab, n: int, flt: NameFilter, seen: set[str], temper
             name = flt.start + name
             if name not in taken and flt.accepts(name, seen):
                 taken.add(name)
-                found.append(name)
                 window_found += 1
-                if len(found) == n:
-                    break
-    return found
+                yield name
+                if len(taken) == n:
+                    return

@@ -601,3 +601,24 @@ def test_eval_of_a_run_whose_corpus_is_gone_reads_the_runs_encoded_copy(runner, 
     assert after["source"].startswith("val split of checkpoints/play/corpus.ids")
     Path("checkpoints/play/corpus.ids").unlink()
     _fails(runner, ["eval"], "is not available; pass FILE")
+
+
+def test_names_print_as_they_come_and_an_interrupted_list_keeps_them(runner, tmp_path, monkeypatch):
+    from charrnn import names
+
+    (tmp_path / "names.txt").write_text(NAMES)
+    _train(runner, tmp_path / "names.txt", "--steps", "20")
+    real, rounds = names._round, []
+
+    def interrupted_second_round(*a, **kw):
+        rounds.append(1)
+        if len(rounds) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(names, "_round", interrupted_second_round)
+    res = runner.invoke(main, ["names", "-c", "checkpoints/names", "-n", "5000", "--seed", "1",
+                               "--allow-seen", "--temp", "2.0"])
+    assert res.exit_code == 130 and "interrupted" in res.output
+    printed = res.output.split("interrupted")[0].split()
+    assert len(printed) > 10 and len(set(printed)) == len(printed)  # the first round's names
