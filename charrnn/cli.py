@@ -128,6 +128,8 @@ def _load(ckpt, device, default, small_job=False, finite=True):
 
 
 def _out(text: str):
+    if sys.stdout is None:  # started with stdout closed (`charrnn sample >&-`)
+        raise UserError("standard output is closed: there is nowhere to write the result")
     sys.stdout.write(text)
     sys.stdout.flush()
 
@@ -196,8 +198,8 @@ RESUMABLE = {"steps", "eval_every", "patience", "device", "recompute", "keep_eve
               help="cap validation characters per eval (0: all)")
 @click.option("--patience", type=int, default=TrainConfig.patience, help="early stopping after N evals without gain")
 @click.option("--keep-every", type=int, default=TrainConfig.keep_every,
-              help="also keep the weights every N steps as RUN/step-N.safetensors, to sample from "
-                   "earlier points of the run (0: only best and latest)")
+              help="also keep the weights every N steps as RUN/step-0000N.safetensors, to sample "
+                   "from earlier points of the run (0: only best and latest)")
 @click.option("--seed", type=int, default=TrainConfig.seed, show_default=True,
               help="random seed for weight initialisation, batch order and dropout")
 @click.option("--lines/--no-lines", default=None, help="one example per line (default: detect)")
@@ -289,24 +291,26 @@ def _holds_run(d: Path) -> bool:
     return d.is_dir() and any(d.glob("*.safetensors"))
 
 
-def _claim(run_dir: Path) -> bool:
-    """Create (if need be) and lock run_dir for this process; True if this call created it.
-    One mkdir decides "created", so two processes starting on one new directory cannot both
-    think it theirs (the loser must never delete it). Raises RunBusy while another trains it."""
+def _claim(run_dir: Path) -> Path | None:
+    """Create (if need be) and lock run_dir for this process. Returns the topmost directory
+    this call created (run_dir or a parent; None if run_dir was there), which a run that fails
+    before it starts removes. One mkdir decides, so two processes starting on one new
+    directory cannot both think it theirs (the loser must never delete it). Raises RunBusy
+    while another process trains it."""
     from charrnn.runs import lock_run
 
+    top = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
     try:
         run_dir.mkdir(parents=True)
-        created = True
     except FileExistsError:
-        created = False
+        top = None
     except OSError as e:  # read-only, /proc, a file on the way: say what was being made
         raise UserError(f"cannot create the run directory {run_dir}: {e.strerror or e}") from None
     _RUN_LOCKS.append(lock_run(run_dir))
-    return created
+    return top
 
 
-def _claim_fresh(base: Path) -> tuple[Path, bool]:
+def _claim_fresh(base: Path) -> tuple[Path, Path | None]:
     """base, or base-2, base-3, ...: never an existing run (a directory holding a checkpoint)
     nor one another process is training (it has no checkpoint before its first eval); a
     directory left by a run that failed before its first checkpoint is reused."""
@@ -315,7 +319,7 @@ def _claim_fresh(base: Path) -> tuple[Path, bool]:
     n = 2
     candidate = base
     while True:
-        if not _holds_run(candidate):
+        if not _holds_run(candidate) and (candidate.is_dir() or not candidate.exists()):
             try:
                 return candidate, _claim(candidate)
             except RunBusy:
@@ -379,14 +383,25 @@ def _new_run(corpus, out, opts, given=frozenset(), init_from=None):
         tcfg.lines = detect_lines(list(corpus), tcfg.encoding)
         if tcfg.lines:
             err.print("detected a list of short lines: training one example per line (--no-lines to treat it as prose)")
-    if "test_count" in given and not tcfg.lines:
-        raise UserError("--test-count counts lines of a --lines corpus; for prose use --test-frac")
+    ignored = {  # option -> why it would do nothing here
+        "test_count": not tcfg.lines and "--test-count counts lines of a --lines corpus; for "
+                      "prose use --test-frac",
+        "split_seed": not tcfg.lines and "--split-seed shuffles the lines of a --lines corpus; "
+                      "a prose corpus is split at its end",
+        "steps": "epochs" in given and "--epochs sets the number of steps; give --steps or "
+                 "--epochs, not both",
+    }
+    why = next((w for k, w in ignored.items() if k in given and w), None)
+    if why:
+        raise UserError(why)
+    if tcfg.lines and "seq_len" in given:  # a note, not an error: sweeps pass one command line
+        err.print("note: --seq-len does not apply: a --lines corpus trains on whole lines")
     if out:
         run_dir = Path(out)
-        created = _claim(run_dir)
+        made = _claim(run_dir)
     else:
-        run_dir, created = _claim_fresh(Path("checkpoints") / Path(corpus[0]).stem)
-    try:  # the directory is ours from here: locked, and created by us if `created`
+        run_dir, made = _claim_fresh(Path("checkpoints") / Path(corpus[0]).stem)
+    try:  # the directory is ours from here: locked, and `made` (with it) created by us
         data, model = _build_run(corpus, run_dir, mcfg, tcfg, given, init)
         meta = run_meta(mcfg, data, shlex.join(["charrnn", *Group.argv]))
         if init:
@@ -396,9 +411,22 @@ def _new_run(corpus, out, opts, given=frozenset(), init_from=None):
             del init  # the source's tensors (optimizer moments too) are not needed any more
         return Trainer(model, data, tcfg, run_dir, meta), run_dir
     except BaseException:  # a bad option, a corpus too small, no GPU, out of memory: leave no
-        if created:        # empty run directory behind
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if made is not None:  # empty run directory behind
+            _unmake(run_dir, made)
         raise
+
+
+def _unmake(run_dir: Path, top: Path) -> None:
+    """Remove run_dir, then its parents up to `top` while they are empty: another process
+    may have put its own run in a parent meanwhile."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in run_dir.parents:
+        if top not in (parent, *parent.parents):
+            break
+        try:
+            parent.rmdir()
+        except OSError:  # not empty: someone else's now
+            break
 
 
 def _build_run(corpus, run_dir, mcfg, tcfg, given, init):
@@ -446,6 +474,7 @@ def _opt_text(v) -> str:
 
 def _resume(resume, corpus, opts, given):
     from charrnn.checkpoint import read_meta
+    from charrnn.data import fingerprint
     from charrnn.dataset import build_dataset
     from charrnn.runs import Loaded, lock_run, run_checkpoint
     from charrnn.trainer import Trainer
@@ -453,8 +482,12 @@ def _resume(resume, corpus, opts, given):
     run_dir = Path(resume)
     if not run_dir.is_dir():
         raise UserError(f"no run directory at {run_dir}; pass the directory given by `charrnn train`")
-    _RUN_LOCKS.append(lock_run(run_dir))  # before anything of the run is read or trimmed
-    path = run_checkpoint(run_dir, prefer="latest")
+    try:
+        path = run_checkpoint(run_dir, prefer="latest")
+    except CheckpointError:
+        raise UserError(f"{run_dir} holds no checkpoint (best or latest.safetensors); pass the "
+                        "run directory given by `charrnn train`") from None
+    _RUN_LOCKS.append(lock_run(run_dir))  # a run's: before anything of it is read or trimmed
     saved = read_meta(path).get("train", {}).get("config", {}).get("device", "auto")
     loaded = Loaded(path, _backend_name(opts["device"] if "device" in given else saved))
     missing = [k for k in Trainer.RESUME_KEYS if k not in loaded.train_meta]
@@ -472,10 +505,10 @@ def _resume(resume, corpus, opts, given):
     if gone:
         raise UserError(f"the run's corpus file {gone[0]} is not there any more; hint: pass the same files after "
                         f"--resume: charrnn train --resume {shlex.quote(str(run_dir))} FILE...")
-    data = build_dataset(paths, tcfg, vocab=loaded.vocab, cache=run_dir / "corpus.ids")
-    if data.fingerprint != loaded.meta["corpus"]["fingerprint"]:
+    if fingerprint(paths) != loaded.meta["corpus"]["fingerprint"]:  # before the cache is rewritten
         raise UserError(f"the corpus changed since this run started ({', '.join(paths)}); "
                         "resume needs the same files, or start a new run")
+    data = build_dataset(paths, tcfg, vocab=loaded.vocab, cache=run_dir / "corpus.ids")
     meta = {k: v for k, v in loaded.meta.items() if k not in ("train", "format_version")}
     trainer = Trainer(loaded.model, data, tcfg, run_dir, meta)
     trainer.restore(loaded.tensors, loaded.train_meta)
@@ -504,9 +537,11 @@ def sample(ckpt, length, temps, top_k, top_p, argmax, prime, seed, samples, half
     from charrnn import spin_for_generation
     from charrnn.sampler import generate
 
-    if argmax and (len(temps) > 1 or samples > 1):
-        raise UserError("--argmax takes the likeliest character whatever the temperature or "
-                        "seed, so every sample would be the same; give one -t and one sample")
+    if argmax and temps:
+        raise UserError("--argmax takes the likeliest character: a temperature changes nothing")
+    if argmax and samples > 1:
+        raise UserError("--argmax takes the likeliest character whatever the seed, so every "
+                        "sample would be the same; give one sample")
     spin_for_generation()  # before anything starts numba's thread pool
     temps = temps or (SampleConfig.temperature,)
     cfgs = [SampleConfig(length, t, top_k, top_p, prime, None if seed is None else seed + k,
@@ -747,7 +782,9 @@ def score(ckpt, texts, as_json, device):
     could not be)."""
     from charrnn.evaluate import score_text
 
-    if texts == ("-",):
+    if "-" in texts:
+        if len(texts) > 1:
+            raise UserError("'-' reads the texts from stdin, one a line; give it alone")
         texts = tuple(line.rstrip("\r\n") for line in sys.stdin if line.strip())
         if not texts:
             raise UserError("no texts on stdin (score - reads one text a line)")
@@ -884,7 +921,10 @@ def export(source, dest, half, force):
     if Path(dest).exists() and not force:
         raise UserError(f"{dest} already exists; hint: pass --force to replace it, or choose another DEST")
 
-    run = Loaded(resolve(source, "run"), "cpu")
+    src = resolve(source, "run")
+    if Path(dest).resolve() == src.resolve():
+        raise UserError(f"{dest} is the checkpoint being exported; choose another DEST")
+    run = Loaded(src, "cpu")
     tensors = run.model.host_params()
     if "data.seen" in run.tensors:
         tensors["data.seen"] = run.tensors["data.seen"]

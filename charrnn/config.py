@@ -19,12 +19,17 @@ OPTIMIZERS = ("adam", "adamw")
 def _check_positive(name: str, value, allow_zero: bool = False) -> None:
     # `not isfinite`: nan passes every comparison, and inf is no usable rate or count
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+        raise ValueError(f"{_option(name)} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
 def _check_fraction(name: str, value: float, hi_open: bool = True) -> None:
     if not (0.0 <= value < 1.0 if hi_open else 0.0 <= value <= 1.0):
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
+        raise ValueError(f"{_option(name)} must be in [0, 1), got {value}")
+
+
+def _option(field: str) -> str:
+    """A field as its command-line option spells it (each option maps to one field)."""
+    return field.replace("_", "-")
 
 
 @dataclass

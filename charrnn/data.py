@@ -59,6 +59,9 @@ def check_file(path: Path) -> None:
         raise CorpusError(f"corpus file not found: {path}")
     if path.is_dir():
         raise CorpusError(f"corpus path {path} is a directory; pass the text files inside it")
+    if not path.is_file():  # a pipe (<(...)), a FIFO, a device: read more than once here
+        raise CorpusError(f"corpus {path} is not a regular file (a pipe can be read only once); "
+                          "save it to a file first")
     if path.stat().st_size == 0:
         raise CorpusError(f"corpus {path} is empty")
 

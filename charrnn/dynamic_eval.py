@@ -48,7 +48,7 @@ def check_options(seq_len: int, lr: float, decay: float, max_norm: float) -> Non
         raise ValueError(f"dynamic evaluation: decay must be in [0, 1], got {decay}; "
                          f"hint: {DYN_DECAY:g} is the default")
     if not (math.isfinite(max_norm) and max_norm >= 0):
-        raise ValueError(f"dynamic evaluation: max_norm must be >= 0 (0: no clipping), got {max_norm}")
+        raise ValueError(f"dynamic evaluation: clip must be >= 0 (0: no clipping), got {max_norm}")
 
 
 def evaluate_dynamic(model, ids, seq_len: int = DYN_SEQ_LEN, lr: float = DYN_LR, decay: float = DYN_DECAY,

@@ -68,6 +68,7 @@ class Reporter:
         self.console.print(f"[yellow]{msg}[/]", markup=True, highlight=False)
 
     def _start(self, ev):
+        self.best = ev.get("best_val", math.inf)  # a resumed run's best so far
         if not self.live:
             return
         self.progress = Progress(

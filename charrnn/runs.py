@@ -65,11 +65,13 @@ def lock_run(run_dir: Path):
 
 
 def newest_run(root: Path = Path("checkpoints")) -> Path | None:
-    """The most recently written run checkpoint under `root`, if any."""
+    """The checkpoint of the most recently written run under `root`, if any: that run's best,
+    as `-c RUN` takes it (its latest is newer whenever the last eval did not improve)."""
     if not root.is_dir():
         return None
     found = [p for p in root.glob("**/*.safetensors") if p.name in ("best.safetensors", "latest.safetensors")]
-    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+    newest = max(found, key=lambda p: p.stat().st_mtime, default=None)
+    return None if newest is None else run_checkpoint(newest.parent)
 
 
 def resolve(path: str | None, default: str) -> Path:

@@ -89,6 +89,9 @@ class Trainer:
         self.elapsed = 0.0
         self._stop = threading.Event()
         self.stop_signal: int | None = None  # the signal that stopped the run, if one did
+        # A fresh run starts its own metrics.jsonl: a directory reused after a run that died
+        # before its first checkpoint still holds that run's lines. Resumed runs append.
+        self._metrics_mode = "w"
 
     # -- control --------------------------------------------------------------------
     def request_stop(self):
@@ -151,6 +154,7 @@ class Trainer:
             self.state = State(be.asarray(tensors["train.state.h"], self.model.dtype),
                                be.asarray(c, self.model.dtype) if c is not None else None)
         self._trim_metrics()
+        self._metrics_mode = "a"
 
     def _trim_metrics(self):
         """Drop metrics lines logged after the checkpoint we resume from (they will be redone),
@@ -213,7 +217,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         old_handlers = self._install_stop_handlers()
         try:
-            with open(self.run_dir / "metrics.jsonl", "a") as metrics:
+            with open(self.run_dir / "metrics.jsonl", self._metrics_mode) as metrics:
+                self._metrics_mode = "a"
                 return self._loop(metrics)
         finally:
             for sig, handler in old_handlers.items():
@@ -253,7 +258,8 @@ class Trainer:
         acc_loss, acc_n, acc_chars, rollbacks = 0.0, 0, 0.0, 0
         t_mark = time.perf_counter()
         reason = "done"
-        self.callback({"kind": "start", "step": self.step, "steps": cfg.steps})
+        self.callback({"kind": "start", "step": self.step, "steps": cfg.steps,
+                       "best_val": self.best_val})
         while self.step < cfg.steps:
             if self._stop.is_set():
                 reason = "interrupted"

@@ -1,5 +1,6 @@
 """The command line as a user meets it: an end-to-end run, and one clear line for bad input."""
 
+import io
 import json
 from pathlib import Path
 
@@ -139,6 +140,7 @@ def test_names_from_a_lines_model(runner, tmp_path):
     assert lines[0].startswith("Emma   logprob") and lines[2].startswith("Mmaem  logprob")
     assert lines[1].startswith("José   not scored: ") and "'é'" in lines[1]
     assert lines[3] == "error: 1 of 3 texts could not be scored"
+    _fails(runner, ["score", "-c", ck, "-", "Emma"], "'-' reads the texts from stdin")
 
 
 # ------------------------------------------------------------------ bad input: one line, non-zero exit
@@ -175,7 +177,9 @@ def test_bad_option_values(runner, tmp_path):
     _fails(runner, ["train", "play.txt", "--out", "play.txt/run"],
            "cannot create the run directory play.txt/run: Not a directory")
     _fails(runner, ["train", "play.txt", "--test-count", "5"], "--test-count counts lines of a --lines corpus")
-    _fails(runner, ["sample", "--argmax", "-t", "0.5", "-t", "1.0"], "give one -t and one sample")
+    _fails(runner, ["sample", "--argmax", "-t", "0.5"], "a temperature changes nothing")
+    _fails(runner, ["train", "play.txt", "--split-seed", "3"], "--split-seed shuffles the lines")
+    _fails(runner, ["train", "play.txt", "--epochs", "1", "--steps", "5"], "not both")
     _fails(runner, ["eval", "play.txt", "--split", "test"], "with FILE the whole file is scored")
     _train(runner, tmp_path / "play.txt")
     _fails(runner, ["sample", "--temp", "-1"], "temperature must be > 0 and finite, got -1.0")
@@ -265,9 +269,9 @@ def test_non_finite_and_negative_numbers(runner, tmp_path):
     _fails(runner, ["train", "play.txt", "--lr", "nan"], "lr must be > 0, got nan")
     _fails(runner, ["train", "play.txt", "--lr", "inf"], "lr must be > 0, got inf")
     _fails(runner, ["train", "play.txt", "--epochs", "inf"], "epochs must be >= 0, got inf")
-    _fails(runner, ["train", "play.txt", "--grad-clip", "nan"], "grad_clip must be >= 0, got nan")
+    _fails(runner, ["train", "play.txt", "--grad-clip", "nan"], "grad-clip must be >= 0, got nan")
     _fails(runner, ["train", "play.txt", "--seed", "-1"], "seed must be >= 0, got -1")
-    _fails(runner, ["train", "play.txt", "--lines", "--split-seed", "-1"], "split_seed must be >= 0, got -1")
+    _fails(runner, ["train", "play.txt", "--lines", "--split-seed", "-1"], "split-seed must be >= 0, got -1")
     _fails(runner, ["sample", "--seed", "-1"], "seed must be >= 0, got -1")
     _fails(runner, ["names", "--seed", "-1"], "seed must be >= 0, got -1")
     assert not Path("checkpoints").exists()
@@ -622,3 +626,58 @@ def test_names_print_as_they_come_and_an_interrupted_list_keeps_them(runner, tmp
     assert res.exit_code == 130 and "interrupted" in res.output
     printed = res.output.split("interrupted")[0].split()
     assert len(printed) > 10 and len(set(printed)) == len(printed)  # the first round's names
+
+
+def test_second_review_run_directory_cases(runner, tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from charrnn import cli
+
+    (tmp_path / "play.txt").write_text(PROSE)
+    # without -c: the newest run's best, even when its latest is newer (no gain at the end)
+    _train(runner, tmp_path / "play.txt", "--lr", "1e-30", "--out", "checkpoints/flat")
+    assert "checkpoints/flat/best.safetensors" in _ok(runner.invoke(main, ["info"])).output.splitlines()[0]
+    # a refused --resume leaves the run's encoded corpus as it was
+    ids = Path("checkpoints/flat/corpus.ids")
+    before = hashlib.sha256(ids.read_bytes()).hexdigest()
+    (tmp_path / "play.txt").write_text(PROSE.swapcase())
+    _fails(runner, ["train", "--resume", "checkpoints/flat", "--steps", "40"], "the corpus changed")
+    assert hashlib.sha256(ids.read_bytes()).hexdigest() == before
+    # --resume on a directory that holds no run: refused, and no lock file left in it
+    Path("plain").mkdir()
+    _fails(runner, ["train", "--resume", "plain"], "plain holds no checkpoint")
+    assert not Path("plain/.lock").exists()
+    # a reused directory (a run that died before its first checkpoint) gets a fresh metrics file
+    Path("reused").mkdir()
+    Path("reused/metrics.jsonl").write_text('{"step": 4950, "train_loss": 9.0}\n')
+    _train(runner, tmp_path / "play.txt", "--out", "reused")
+    steps = [json.loads(line)["step"] for line in Path("reused/metrics.jsonl").read_text().splitlines()]
+    assert steps == [10, 20, 30]
+    # a file where the default run directory would go: the run goes next door
+    Path("checkpoints/play").write_text("not a directory")
+    assert "run checkpoints/play-2:" in _train(runner, tmp_path / "play.txt").output
+    # a failed start leaves none of the directories it made
+    _fails(runner, ["train", str(tmp_path / "play.txt"), "--seq-len", "5000", "--out", "a/b/c"],
+           "needs at least")
+    assert not Path("a").exists()
+    # export onto the checkpoint it reads from
+    _fails(runner, ["export", "checkpoints/flat", "checkpoints/flat/best.safetensors", "--force"],
+           "is the checkpoint being exported")
+    # a pipe as the corpus
+    os.mkfifo("fifo")
+    _fails(runner, ["train", "fifo"], "corpus fifo is not a regular file")
+    # stdout closed
+    monkeypatch.setattr(cli.sys, "stdout", None)
+    with pytest.raises(cli.UserError, match="standard output is closed"):
+        cli._out("x")
+
+
+def test_the_progress_bar_of_a_resumed_run_starts_from_its_best_val():
+    from rich.console import Console
+
+    from charrnn.progress import Reporter
+
+    rep = Reporter(Console(file=io.StringIO()), live=False)
+    rep({"kind": "start", "step": 30, "steps": 40, "best_val": 2.5})
+    assert rep.best == 2.5

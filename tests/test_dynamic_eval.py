@@ -157,7 +157,7 @@ def test_bad_input_raises_a_clear_error():
         evaluate_dynamic(model, ids, decay=2.0)
     with pytest.raises(ValueError, match="seq-len must be an integer >= 1, got 0"):
         evaluate_dynamic(model, ids, seq_len=0)
-    with pytest.raises(ValueError, match="max_norm must be >= 0"):
+    with pytest.raises(ValueError, match="clip must be >= 0"):
         evaluate_dynamic(model, ids, max_norm=float("nan"))
 
 
