@@ -198,8 +198,8 @@ RESUMABLE = {"steps", "eval_every", "patience", "device", "recompute", "keep_eve
               help="cap validation characters per eval (0: all)")
 @click.option("--patience", type=int, default=TrainConfig.patience, help="early stopping after N evals without gain")
 @click.option("--keep-every", type=int, default=TrainConfig.keep_every,
-              help="also keep the weights every N steps as RUN/step-0000N.safetensors, to sample "
-                   "from earlier points of the run (0: only best and latest)")
+              help="also keep the weights every N steps as RUN/step-NNNNNNN.safetensors (the step, "
+                   "7 digits), to sample from earlier points of the run (0: only best and latest)")
 @click.option("--seed", type=int, default=TrainConfig.seed, show_default=True,
               help="random seed for weight initialisation, batch order and dropout")
 @click.option("--lines/--no-lines", default=None, help="one example per line (default: detect)")
@@ -388,7 +388,7 @@ def _new_run(corpus, out, opts, given=frozenset(), init_from=None):
                       "prose use --test-frac",
         "split_seed": not tcfg.lines and "--split-seed shuffles the lines of a --lines corpus; "
                       "a prose corpus is split at its end",
-        "steps": "epochs" in given and "--epochs sets the number of steps; give --steps or "
+        "steps": tcfg.epochs > 0 and "--epochs sets the number of steps; give --steps or "
                  "--epochs, not both",
     }
     why = next((w for k, w in ignored.items() if k in given and w), None)
@@ -574,10 +574,18 @@ def _cached_split(run, split):
     checkpoint's training split (its batcher state records that split's length)."""
     import numpy as np
 
+    from charrnn.checkpoint import CheckpointError, read_meta
     from charrnn.data import split_stream
+    from charrnn.runs import run_checkpoint
 
     cache = run.path.parent / "corpus.ids"
     if run.lines or not cache.is_file():
+        return None, None
+    try:  # the directory's own run must be this model's: same corpus, same vocabulary
+        own = read_meta(run_checkpoint(run.path.parent))
+    except CheckpointError:
+        return None, None
+    if (own.get("corpus") != run.meta.get("corpus") or own.get("vocab") != run.meta.get("vocab")):
         return None, None
     parts = split_stream(np.memmap(cache, dtype=run.vocab.id_dtype, mode="r"),
                          run.train_cfg.val_frac, run.train_cfg.test_frac)

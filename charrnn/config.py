@@ -109,7 +109,7 @@ class TrainConfig:
         _check_fraction("val_frac", self.val_frac)
         _check_fraction("test_frac", self.test_frac)
         if self.val_frac + self.test_frac >= 1.0:
-            raise ValueError("val_frac + test_frac must be < 1")
+            raise ValueError("val-frac + test-frac must be < 1")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:

@@ -180,6 +180,9 @@ def test_bad_option_values(runner, tmp_path):
     _fails(runner, ["sample", "--argmax", "-t", "0.5"], "a temperature changes nothing")
     _fails(runner, ["train", "play.txt", "--split-seed", "3"], "--split-seed shuffles the lines")
     _fails(runner, ["train", "play.txt", "--epochs", "1", "--steps", "5"], "not both")
+    _ok(runner.invoke(main, ["train", "play.txt", "--epochs", "0", "--steps", "2", "--layers", "1",
+                             "--hidden", "8", "--embed", "4", "--batch-size", "2", "--seq-len", "8",
+                             "--out", "epochs0"]))  # --epochs 0 is "off", as by default
     _fails(runner, ["eval", "play.txt", "--split", "test"], "with FILE the whole file is scored")
     _train(runner, tmp_path / "play.txt")
     _fails(runner, ["sample", "--temp", "-1"], "temperature must be > 0 and finite, got -1.0")
@@ -603,8 +606,14 @@ def test_eval_of_a_run_whose_corpus_is_gone_reads_the_runs_encoded_copy(runner, 
     after = json.loads(_ok(runner.invoke(main, ["eval", "--json"])).output)
     assert after["nats_per_char"] == before["nats_per_char"] and after["tokens"] == before["tokens"]
     assert after["source"].startswith("val split of checkpoints/play/corpus.ids")
+    # another run's model put in this directory is not scored on this run's text
+    (tmp_path / "other.txt").write_text(PROSE.swapcase())
+    _train(runner, tmp_path / "other.txt")
+    _ok(runner.invoke(main, ["export", "checkpoints/other", "checkpoints/play/foreign.safetensors"]))
+    (tmp_path / "other.txt").unlink()
+    _fails(runner, ["eval", "-c", "checkpoints/play/foreign.safetensors"], "is not available; pass FILE")
     Path("checkpoints/play/corpus.ids").unlink()
-    _fails(runner, ["eval"], "is not available; pass FILE")
+    _fails(runner, ["eval", "-c", "checkpoints/play"], "is not available; pass FILE")
 
 
 def test_names_print_as_they_come_and_an_interrupted_list_keeps_them(runner, tmp_path, monkeypatch):
