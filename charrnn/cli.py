@@ -383,19 +383,19 @@ def _new_run(corpus, out, opts, given=frozenset(), init_from=None):
         tcfg.lines = detect_lines(list(corpus), tcfg.encoding)
         if tcfg.lines:
             err.print("detected a list of short lines: training one example per line (--no-lines to treat it as prose)")
-    ignored = {  # option -> why it would do nothing here
-        "test_count": not tcfg.lines and "--test-count counts lines of a --lines corpus; for "
-                      "prose use --test-frac",
-        "split_seed": not tcfg.lines and "--split-seed shuffles the lines of a --lines corpus; "
-                      "a prose corpus is split at its end",
-        "steps": tcfg.epochs > 0 and "--epochs sets the number of steps; give --steps or "
-                 "--epochs, not both",
-    }
-    why = next((w for k, w in ignored.items() if k in given and w), None)
-    if why:
-        raise UserError(why)
-    if tcfg.lines and "seq_len" in given:  # a note, not an error: sweeps pass one command line
-        err.print("note: --seq-len does not apply: a --lines corpus trains on whole lines")
+    if "steps" in given and tcfg.epochs > 0:
+        raise UserError("--epochs sets the number of steps; give --steps or --epochs, not both")
+    # Options this corpus makes moot: a note, not an error (a sweep passes one command line to
+    # prose and lists alike).
+    moot = {"test_count": not tcfg.lines and "--test-count counts lines of a --lines corpus "
+                          "(for prose, --test-frac)",
+            "split_seed": not tcfg.lines and "--split-seed shuffles the lines of a --lines "
+                          "corpus (prose is split at its end)",
+            "seq_len": tcfg.lines and "--seq-len is prose's window (a --lines corpus trains on "
+                       "whole lines)"}
+    for k, why in moot.items():
+        if k in given and why:
+            err.print(f"note: {why}; it does not apply here")
     if out:
         run_dir = Path(out)
         made = _claim(run_dir)
