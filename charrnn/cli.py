@@ -753,28 +753,26 @@ def eval_cmd(ctx, ckpt, file, split, batch_size, seq_len, dynamic, dyn_lr, dyn_d
         loss, n = evaluate_lines(run.model, ids, run.vocab.eos_id)
     else:
         loss, n = evaluate_stream(run.model, ids, batch_size or cfg.batch_size, seq_len or cfg.seq_len)
-    dyn = None
+    result = {"checkpoint": str(run.path), "source": source, "nats_per_char": loss, "bits_per_char": loss / LN2,
+              "tokens": n}
+    static = f"{source}: {loss:.4f} nats/char, {loss / LN2:.4f} bits/char over {n:,} predicted tokens"
+    if not as_json:  # before a long dynamic pass: Ctrl-C there keeps this number
+        _out(f"static: {static}\n" if dynamic else static + "\n")
     if dynamic:
         if err.is_terminal:
             err.print(f"dynamic evaluation: {len(ids) - 1:,} characters at batch 1, one update per "
                       f"{dyn_opts['seq_len']} characters...")
         dloss, dn = evaluate_dynamic(run.model, ids, **dyn_opts)
-        dyn = {"nats_per_char": dloss, "bits_per_char": dloss / LN2, "tokens": dn, **dyn_opts}
-    result = {"checkpoint": str(run.path), "source": source, "nats_per_char": loss, "bits_per_char": loss / LN2,
-              "tokens": n}
-    if dyn is not None:
-        result["dynamic"] = dyn  # the top-level numbers stay the static ones
+        # the top-level numbers stay the static ones
+        result["dynamic"] = {"nats_per_char": dloss, "bits_per_char": dloss / LN2, "tokens": dn,
+                             **dyn_opts}
+        if not as_json:
+            _out("dynamic evaluation (adapts to the text as it reads it; not comparable with static "
+                 f"numbers): {dloss:.4f} nats/char, {dloss / LN2:.4f} bits/char over {dn:,} predicted "
+                 f"tokens (seq-len {dyn_opts['seq_len']}, lr {dyn_opts['lr']:g}, decay "
+                 f"{dyn_opts['decay']:g}, clip {dyn_opts['max_norm']:g})\n")
     if as_json:
         _out(json.dumps(result) + "\n")
-        return
-    static = f"{source}: {loss:.4f} nats/char, {loss / LN2:.4f} bits/char over {n:,} predicted tokens"
-    if dyn is None:
-        _out(static + "\n")
-        return
-    _out(f"static: {static}\n"
-         "dynamic evaluation (adapts to the text as it reads it; not comparable with static numbers): "
-         f"{dyn['nats_per_char']:.4f} nats/char, {dyn['bits_per_char']:.4f} bits/char over {dn:,} predicted "
-         f"tokens (seq-len {dyn['seq_len']}, lr {dyn['lr']:g}, decay {dyn['decay']:g}, clip {dyn['max_norm']:g})\n")
 
 
 # ---------------------------------------------------------------------------------- score

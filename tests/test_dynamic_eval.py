@@ -194,6 +194,20 @@ def test_cli_reports_static_and_dynamic_apart(runs):
                                "with static numbers): ")
     assert f"seq-len 50, lr {DYN_LR:g}, decay {DYN_DECAY:g}, clip {DYN_CLIP:g}" in lines[1]
 
+    # the static number is printed before the (long) dynamic pass: Ctrl-C there keeps it
+    import charrnn.dynamic_eval
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    real = charrnn.dynamic_eval.evaluate_dynamic
+    charrnn.dynamic_eval.evaluate_dynamic = interrupted
+    try:
+        cut = _run(["eval", "-c", runs["play"], "--dynamic"])
+    finally:
+        charrnn.dynamic_eval.evaluate_dynamic = real
+    assert cut.exit_code == 130 and cut.stdout.splitlines() == lines[:1]
+
     plain = json.loads(_run(["eval", "-c", runs["play"], "--json", "--seq-len", "20"]).stdout)
     assert "dynamic" not in plain
     both = json.loads(_run(["eval", "-c", runs["play"], "--json", "--dynamic", "--seq-len", "20",
