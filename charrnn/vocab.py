@@ -27,6 +27,8 @@ def _describe(cp: int, kind: str) -> str:
     """Name one character or byte for an error message: 'x' (U+0078) / byte 0xff."""
     if kind == "bytes":
         return f"byte 0x{cp:02x}"
+    if 0xDC80 <= cp <= 0xDCFF:  # Python's stand-in for an undecodable input byte
+        return f"byte 0x{cp - 0xDC00:02x} (the input is not valid UTF-8 there)"
     return f"character {chr(cp)!r} (U+{cp:04X})"
 
 

@@ -148,3 +148,10 @@ def test_build_rejects_bad_input():
         Vocab.build({"ab": 1})
     with pytest.raises(ValueError, match="max_vocab"):
         Vocab.build({"a": 1}, max_vocab=-1)
+
+
+def test_an_undecodable_input_byte_is_named_as_a_byte_not_a_character():
+    vocab = Vocab.build(Counter("acf"))
+    with pytest.raises(ValueError, match=r"byte 0xe9 \(the input is not valid UTF-8 there\) is not "
+                                         r"in the model's vocabulary"):
+        vocab.encode("caf\udce9")  # what Python makes of b"caf\xe9" with surrogateescape
