@@ -140,7 +140,7 @@ WARMUP_SHARE = 3  # the default warm-up takes at most steps // 3
 _RUN_LOCKS: list = []  # the run directory this `train` holds (runs.lock_run), released at its end
 
 # Options that may change when a run is resumed; everything else is fixed by the run.
-RESUMABLE = {"steps", "eval_every", "patience", "device", "recompute", "keep_every"}
+RESUMABLE = ("steps", "eval_every", "patience", "keep_every", "device", "recompute")
 
 
 @main.command()
@@ -458,10 +458,10 @@ def _check_unchanged(fixed, opts, loaded):
         cfg = loaded.model_cfg if hasattr(loaded.model_cfg, k) else loaded.train_cfg
         mine = getattr(cfg, k, None)
         if opts[k] != mine:
+            may = ", ".join(f"--{r.replace('_', '-')}" for r in RESUMABLE)
             raise UserError(f"--{k.replace('_', '-')} {_opt_text(opts[k])} differs from the run's "
-                            f"{_opt_text(mine)}; only --steps, --eval-every, --patience, --keep-every, "
-                            "--device and --recompute can change when resuming (to change more, start a new "
-                            "run with --init-from)")
+                            f"{_opt_text(mine)}; only {may} can change when resuming (to change "
+                            "more, start a new run with --init-from)")
 
 
 def _opt_text(v) -> str:
@@ -495,8 +495,8 @@ def _resume(resume, corpus, opts, given):
         raise UserError(f"{path} holds no training state (no {missing[0]}; an exported or shipped model?); "
                         f"hint: start a new run from it with `charrnn train CORPUS --init-from {shlex.quote(str(path))}`")
     tcfg = loaded.train_cfg
-    _check_unchanged(given - RESUMABLE, opts, loaded)
-    for k in given & RESUMABLE:
+    _check_unchanged(given - set(RESUMABLE), opts, loaded)
+    for k in given & set(RESUMABLE):
         setattr(tcfg, k, opts[k])
     tcfg.validate()
     check_recompute(tcfg.recompute, loaded.model_cfg.layers)
@@ -505,10 +505,11 @@ def _resume(resume, corpus, opts, given):
     if gone:
         raise UserError(f"the run's corpus file {gone[0]} is not there any more; hint: pass the same files after "
                         f"--resume: charrnn train --resume {shlex.quote(str(run_dir))} FILE...")
-    if fingerprint(paths) != loaded.meta["corpus"]["fingerprint"]:  # before the cache is rewritten
+    fp = fingerprint(paths)
+    if fp != loaded.meta["corpus"]["fingerprint"]:  # before the cache is rewritten
         raise UserError(f"the corpus changed since this run started ({', '.join(paths)}); "
                         "resume needs the same files, or start a new run")
-    data = build_dataset(paths, tcfg, vocab=loaded.vocab, cache=run_dir / "corpus.ids")
+    data = build_dataset(paths, tcfg, vocab=loaded.vocab, cache=run_dir / "corpus.ids", fp=fp)
     meta = {k: v for k, v in loaded.meta.items() if k not in ("train", "format_version")}
     trainer = Trainer(loaded.model, data, tcfg, run_dir, meta)
     trainer.restore(loaded.tensors, loaded.train_meta)

@@ -65,9 +65,10 @@ def detect_lines(paths, encoding: str) -> bool:
 
 
 def build_dataset(paths, cfg: TrainConfig, vocab: Vocab | None = None,
-                  cache: Path | None = None) -> Dataset:
+                  cache: Path | None = None, fp: str | None = None) -> Dataset:
     """Read `paths` per `cfg` (lines, encoding, max_vocab, splits). With `vocab` given (resume,
-    eval) it is reused; `cache` is where a prose corpus's id array is memory-mapped."""
+    eval) it is reused; `cache` is where a prose corpus's id array is memory-mapped; `fp` is
+    the files' fingerprint when the caller has already read them for it."""
     paths = [str(p) for p in paths]
     if not paths:
         raise CorpusError("no corpus files given")
@@ -76,7 +77,7 @@ def build_dataset(paths, cfg: TrainConfig, vocab: Vocab | None = None,
             raise CorpusError(f"corpus file not found: {p}" if not Path(p).exists() else f"{p} is not a file")
     if cfg.lines and cfg.encoding == "bytes":
         raise CorpusError("--lines and --encoding bytes cannot be combined; pick one")
-    fp = fingerprint(paths)
+    fp = fp or fingerprint(paths)
     if cfg.lines:
         items = read_lines(paths, cfg.encoding)
         if not items:

@@ -116,6 +116,9 @@ def test_names_from_a_lines_model(runner, tmp_path):
     res = _train(runner, tmp_path / "names.txt", "--steps", "40")
     assert "detected a list of short lines" in res.output
     ck = "checkpoints/names"
+    vocab_line = next(ln for ln in _ok(runner.invoke(main, ["info", "-c", ck])).output.splitlines()
+                      if ln.startswith("vocab"))
+    assert "(lines mode): '" in vocab_line and vocab_line.endswith("' + <eos>")  # specials named
     out = _ok(runner.invoke(main, ["names", "-c", ck, "-n", "5", "--seed", "1", "--allow-seen"])).output.split()
     assert len(out) == 5 and len(set(out)) == 5 and all(n[0].isupper() for n in out)
     js = json.loads(_ok(runner.invoke(main, ["names", "-c", ck, "-n", "3", "--seed", "1", "--format", "json",
@@ -370,7 +373,8 @@ def test_plot_and_export_never_destroy_other_files(runner, tmp_path):
 
 def test_damaged_metadata_and_undecodable_arguments(runner, tmp_path):
     (tmp_path / "play.txt").write_text(PROSE)
-    _train(runner, tmp_path / "play.txt", "--device", "numpy", "--encoding", "bytes", "--out", "raw")
+    res = _train(runner, tmp_path / "play.txt", "--device", "numpy", "--encoding", "bytes", "--out", "raw")
+    assert "device numpy," in res.output  # as --device calls it, not the backend's "reference"
     # an undecodable command-line byte (Python's surrogate escape) is that byte to a bytes model
     _fails(runner, ["score", "-c", "raw", "\udcffab"], "byte 0xff is not in the model's vocabulary")
     tensors, meta = checkpoint.load("raw/best.safetensors")
