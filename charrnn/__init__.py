@@ -60,4 +60,17 @@ def spin_for_generation() -> None:
         os.environ["GOMP_SPINCOUNT"] = GENERATION_SPINCOUNT
 
 
+def restore_row_stack(np_module) -> None:
+    """numba-cuda (0.30.4 and earlier) overloads np.row_stack when it compiles its first
+    kernel; numpy 2.5 removed that alias of np.vstack, and every CUDA kernel then failed
+    with AttributeError (seen on the GPU machine: numpy 2.5.2, numba-cuda 0.30.4). Puts the
+    alias back where it is missing, as the same function numpy had."""
+    if not hasattr(np_module, "row_stack"):
+        np_module.row_stack = np_module.vstack
+
+
+import numpy  # noqa: E402 -- after the thread settings above, which numpy reads once
+
+restore_row_stack(numpy)
+
 __version__ = "0.1.0"

@@ -413,3 +413,17 @@ def test_char_rnn_on_cuda_backend_matches_reference(cell, persistent, residual):
     np.testing.assert_allclose(got[3], want[3], **tol)
     for name in want[4]:
         np.testing.assert_allclose(got[4][name], want[4][name], **tol, err_msg=name)
+
+
+def test_row_stack_alias_is_restored_only_where_numpy_lacks_it():
+    """numba-cuda 0.30.4 compiles nothing on numpy 2.5 without np.row_stack."""
+    import types
+
+    from charrnn import restore_row_stack
+
+    gone = types.SimpleNamespace(vstack=np.vstack)
+    restore_row_stack(gone)
+    assert gone.row_stack is np.vstack
+    own = types.SimpleNamespace(vstack=np.vstack, row_stack=len)
+    restore_row_stack(own)
+    assert own.row_stack is len
