@@ -70,8 +70,9 @@ def _flagship_plans() -> list[str]:
     ck.persistent_layer_backward("lstm", w_hh, None, h0, c0, hs, act, cs, None, dhs, dxp, None,
                                  dc, None, dh0)
     cupy.cuda.Device().synchronize()
-    return [f"{key[0]} {key[1]} B={key[3]} H={key[4]}: U={U}, {nb} blocks of {threads} threads"
-            for key, (U, nb, threads) in ck._PLANS.items()]
+    return [f"{key[0]} {key[1]} B={key[3]} H={key[4]}: U={p.U}, {p.blocks} blocks of "
+            f"{p.threads} threads, KS={p.KS}, KT={p.KT}, {p.smem} bytes of shared memory"
+            for key, p in ck._PLANS.items()]
 
 
 def main() -> int:

@@ -319,11 +319,19 @@ def test_cuda_backend_layer_matches_reference(cell, T, B, H, persistent):
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("B,H,units", [(2, 5, 2), (3, 8, 3)])
-def test_persistent_kernels_on_several_blocks(cell, dtype, B, H, units):
-    """U units per block, ceil(H/U) blocks (the last owning fewer). On the simulator one
-    launch per step (no grid barrier there); on a GPU, one cooperative launch."""
+@pytest.mark.parametrize("B,H,units,splits,tile_rows", [
+    (2, 5, 2, 0, 0), (3, 8, 3, 0, 0),
+    (10, 8, 3, 2, 3),  # 2 row groups (rows bq, bq+2, ..., some past B), tiles of 3 rows
+    (17, 6, 2, 3, 1),  # 3 row groups, 3 k-splits summed in shared memory, 1-row tiles
+])
+def test_persistent_kernels_on_several_blocks(monkeypatch, cell, dtype, B, H, units, splits,
+                                              tile_rows):
+    """U units per block, ceil(H/U) blocks (the last owning fewer), forced k-splits and
+    tile sizes. On the simulator one launch per step (no grid barrier there); on a GPU, one
+    cooperative launch."""
+    monkeypatch.setattr(ck, "PERSISTENT_THREADS", 64)
     T = 3
+    force = {"units": units, "splits": splits, "tile_rows": tile_rows, "stepwise": SIM}
     case, dhs = _layer_case(cell, T, B, H, dtype, B * H + units, masked=True)
     want = REF.layer_forward(cell, *case.values())
     want_b = REF.layer_backward(want[3], dhs, case["w_hh"])
@@ -335,7 +343,7 @@ def test_persistent_kernels_on_several_blocks(cell, dtype, B, H, units):
     d = {n: _dev(a) for n, a in out.items()}
     c = {n: _dev(a) for n, a in case.items()}
     ck.persistent_layer_forward(cell, c["xp"], c["w_hh"], c["b_hh"], c["h0"], c["c0"], c["hmask"],
-                                d["hs"], d["act"], d["cs"], d["hn"], units=units, stepwise=SIM)
+                                d["hs"], d["act"], d["cs"], d["hn"], **force)
     tol = _tol(dtype, loose=True)
     np.testing.assert_allclose(_host(d["hs"]), want[0], **tol)
     for field in ("act", "cs", "hn"):
@@ -350,7 +358,7 @@ def test_persistent_kernels_on_several_blocks(cell, dtype, B, H, units):
     db = {n: _dev(a) for n, a in bo.items()}
     ck.persistent_layer_backward(cell, c["w_hh"], c["hmask"], c["h0"], c["c0"], d["hs"], d["act"],
                                  d["cs"], d["hn"], _dev(dhs), db["dxp"], db["dhp"], db["dc"],
-                                 db["direct"], db["dh0"], units=units, stepwise=SIM)
+                                 db["direct"], db["dh0"], **force)
     np.testing.assert_allclose(_host(db["dxp"]), want_b[0], **tol)
     np.testing.assert_allclose(_host(db["dh0"]), want_b[3], **tol)
     if cell == "lstm":

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -52,6 +53,8 @@ SIM = bool(getattr(_cuda_config, "ENABLE_CUDASIM", 0))  # numba's CUDA simulator
 THREADS = 256  # block size of the element-wise, row and reduction kernels (a power of 2)
 MAX_BLOCKS = 1024  # grid cap: larger problems are covered by the grid stride
 PERSISTENT_THREADS = 256  # block size cap of the persistent recurrence
+ROWS = 8  # batch rows a persistent thread sums at once (ROWS * C sums held in registers)
+PREFETCH = 8  # values of the next state tile a persistent thread carries in registers
 SMEM_LIMIT = 48 * 1024  # dynamic shared memory per block without the opt-in attribute
 _RED = 1024  # shared buffer of the block reductions: THREADS may not exceed it
 
@@ -616,65 +619,149 @@ def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, l2, decay):
 
 # ---------------------------------------------------------------- persistent recurrence
 
-# Built per (direction, cell, dtype) so the cell's branches and the shared-memory dtype are
-# compile-time constants; not disk-cached (closures), compiled on first use in a process.
-_KERNELS: dict = {}  # (direction, cell, dtype) -> compiled-on-demand kernel
-_PLANS: dict = {}  # (direction, cell, dtype, B, H) -> (U, blocks, threads)
+# Built per (direction, cell, dtype) so the cell's branches, the shared-memory dtype and
+# the register tiles' sizes are compile-time constants; not disk-cached (closures), compiled
+# on first use in a process.
+_KERNELS: dict = {}  # (direction, cell, dtype, C) -> compiled-on-demand kernel
+_PLANS: dict = {}  # launch key -> Plan
+
+
+class Plan(NamedTuple):
+    """How a persistent launch splits one layer. Block k owns hidden units [k*U, k*U+U). A
+    thread sums ROWS batch rows (b = bq, bq+BR, ...) x C columns of W_hh over every KS-th
+    row k of each tile of KT rows; its KS-1 partners' sums meet in shared memory."""
+    U: int  # hidden units a block owns
+    blocks: int
+    threads: int  # BR * NG * KS
+    KS: int  # threads splitting the k sum of one (rows, columns) share
+    KT: int  # rows of the transposed state staged in shared memory at a time
+    smem: int  # dynamic shared memory, bytes
+
+
+def _products_fn(C: int):
+    """The per-step product of a persistent block (device function). This thread's
+    acc[r*C+i] = sum_k src[k, bq + r*BR] * W[k, col0 + i*es] for r < ROWS, i < C, over its
+    rows k, where src (K,B) is the previous step's transposed state in global memory and
+    W (K,NC) sits at sm[0:K*NC]. The block streams src through sm[boff:] KT rows at a
+    time, each thread carrying PREFETCH values of the next tile in registers while the
+    current one is summed (K*B loads a step in flight together, instead of one dependent
+    load per product). A thread takes the tile rows ks, ks+KS, ...; at the end every thread
+    stores its acc at sm[boff + (ks*ROWS*C + i)*NT0 + g] (g: its index within its k-split),
+    where `partial_sum` adds the KS shares of one sum in ks order (deterministic). acc is
+    indexed by constants only, so it stays in registers."""
+    key = ("products", C, ROWS, PREFETCH)
+    if key in _KERNELS:
+        return _KERNELS[key]
+    R, L = ROWS, PREFETCH
+
+    @cuda.jit(device=True)
+    def products(src, sm, boff, SB, KT, NC, col0, es, bq, BR, ks, KS, pre, acc, wv):
+        K, B = src.shape
+        tid, nt = cuda.threadIdx.x, cuda.blockDim.x
+        for i in range(R * C):
+            acc[i] = 0
+        n = min(KT, K) * B
+        for i in range(L):  # tile 0
+            e = tid + i * nt
+            if e < n:
+                pre[i] = src[e // B, e % B]
+        for k0 in range(0, K, KT):
+            cuda.syncthreads()  # every thread is done with the previous tile
+            for i in range(L):
+                e = tid + i * nt
+                if e < n:
+                    sm[boff + (e // B) * SB + e % B] = pre[i]
+            cuda.syncthreads()
+            n = min(KT, K - k0 - KT) * B  # the next tile's values, loaded during the sums
+            for i in range(L):
+                e = tid + i * nt
+                if e < n:
+                    pre[i] = src[k0 + KT + e // B, e % B]
+            for kl in range(ks, min(KT, K - k0), KS):
+                wb = (k0 + kl) * NC + col0
+                for i in range(C):
+                    wv[i] = sm[wb + i * es]
+                hb = boff + kl * SB + bq
+                for r in range(R):  # rows b >= B read padding: their sums are never used
+                    hv = sm[hb + r * BR]
+                    for i in range(C):
+                        acc[r * C + i] += hv * wv[i]
+        cuda.syncthreads()  # the tile buffer now takes the partial sums
+        NT0 = nt // KS
+        g = tid - ks * NT0
+        for i in range(R * C):
+            sm[boff + (ks * R * C + i) * NT0 + g] = acc[i]
+        cuda.syncthreads()
+
+    _KERNELS[key] = products
+    return products
+
+
+@cuda.jit(device=True)
+def _partial_sum(sm, boff, KS, RC, NT0, g, i):
+    """Sum i of thread g (of each k-split) after `products`: its KS shares in ks order."""
+    v = sm[boff + i * NT0 + g]
+    for s in range(1, KS):
+        v += sm[boff + (s * RC + i) * NT0 + g]
+    return v
 
 
 def _forward_kernel(cell: str, dtype):
-    key = ("forward", cell, np.dtype(dtype).str)
+    key = ("forward", cell, np.dtype(dtype).str, ROWS, PREFETCH)
     if key in _KERNELS:
         return _KERNELS[key]
     G = GATES[cell]
     LSTM, GRU = cell == "lstm", cell == "gru"
+    R, L, RG = ROWS, PREFETCH, ROWS * G  # local array sizes must be constants
     smem_type = numba.from_dtype(np.dtype(dtype))
+    products = _products_fn(G)
 
     @cuda.jit
-    def kernel(xp, w_hh, b_hh, h0, c0, hmask, use_mask, U, s0, s1, hT, hs, act, cs, hn):
-        """Steps s0..s1-1 of one layer; this block's units j0..j0+Uk-1. hT (2,H,B): step t
+    def kernel(xp, w_hh, b_hh, h0, c0, hmask, use_mask, U, KS, KT, s0, s1, hT, hs, act, cs, hn):
+        """Steps s0..s1-1 of one layer; this block's units j0..j0+Uk-1. A thread: unit jj,
+        its G gates (columns jj + q*U of the block's W), rows bq + r*BR. hT (2,H,B): step t
         reads (h_{t-1} * mask).T from hT[(t+1) % 2] (the launcher fills hT[1] from h0) and
         writes its own into hT[t % 2]."""
         B, H = h0.shape
-        one = hs.dtype.type(1)
-        zero = one - one
         GU = G * U
         j0 = cuda.blockIdx.x * U
         Uk = max(0, min(U, H - j0))  # the last block may own fewer (spare blocks none)
         tid, nt = cuda.threadIdx.x, cuda.blockDim.x
-        w = cuda.shared.array(0, smem_type)  # (H, G*U): W_hh rows of our units, transposed
+        BR = (B + R - 1) // R
+        bq = tid % BR
+        jj = (tid // BR) % U
+        ks = tid // (BR * U)
+        SB = B + (BR - B) % 32  # tile row stride: the KS rows read at once hit other banks
+        sm = cuda.shared.array(0, smem_type)  # [0, H*G*U): W_hh rows of our units, (H, G*U)
         for idx in range(tid, H * GU, nt):
             kk = idx // GU
             r = idx - kk * GU
             q = r // U
-            jj = r - q * U
-            if jj < Uk:
-                w[idx] = w_hh[q * H + j0 + jj, kk]
-        cuda.syncthreads()
+            u = r - q * U
+            sm[idx] = w_hh[q * H + j0 + u, kk] if u < Uk else 0
+        pre = cuda.local.array(L, smem_type)
+        acc = cuda.local.array(RG, smem_type)
+        wv = cuda.local.array(G, smem_type)
+        NT0 = BR * U  # threads of one k-split
+        one = hs.dtype.type(1)
         grid = cuda.cg.this_grid()
         for t in range(s0, s1):
             if t > s0:
                 grid.sync()  # every block's h of step t-1 is written
             rd, wr = (t + 1) % 2, t % 2
+            products(hT[rd], sm, H * GU, SB, KT, GU, jj, U, bq, BR, ks, KS, pre, acc, wv)
             for pair in range(tid, B * Uk, nt):
-                jj = pair // B  # batch rows fastest: a warp reads adjacent hT entries
-                b = pair - jj * B
-                j = j0 + jj
-                a0 = zero
-                a1 = zero
-                a2 = zero
-                a3 = zero
-                for kk in range(H):  # recurrent products of our G gates: (h*mask) @ W.T
-                    hv = hT[rd, kk, b]
-                    base = kk * GU + jj
-                    a0 += hv * w[base]
-                    if G > 1:
-                        a1 += hv * w[base + U]
-                        a2 += hv * w[base + 2 * U]
-                    if G > 3:
-                        a3 += hv * w[base + 3 * U]
+                u = pair // B  # batch rows fastest: coalesced writes of hT
+                b = pair - u * B
+                j = j0 + u
+                rr = b // BR
+                g = b - rr * BR + u * BR  # the thread (of each k-split) that summed (b, j)
+                a0 = _partial_sum(sm, H * GU, KS, RG, NT0, g, rr * G)
                 if LSTM:
                     cp = c0[b, j] if t == 0 else cs[t - 1, b, j]
+                    a1 = _partial_sum(sm, H * GU, KS, RG, NT0, g, rr * G + 1)
+                    a2 = _partial_sum(sm, H * GU, KS, RG, NT0, g, rr * G + 2)
+                    a3 = _partial_sum(sm, H * GU, KS, RG, NT0, g, rr * G + 3)
                     gi, gf, gg, go, cc, hh = _lstm_cell(
                         xp[t, b, j] + a0 + b_hh[j], xp[t, b, H + j] + a1 + b_hh[H + j],
                         xp[t, b, 2 * H + j] + a2 + b_hh[2 * H + j],
@@ -686,7 +773,8 @@ def _forward_kernel(cell: str, dtype):
                     cs[t, b, j] = cc
                 elif GRU:
                     hprev = h0[b, j] if t == 0 else hs[t - 1, b, j]
-                    hnv = a2 + b_hh[2 * H + j]
+                    a1 = _partial_sum(sm, H * GU, KS, RG, NT0, g, rr * G + 1)
+                    hnv = _partial_sum(sm, H * GU, KS, RG, NT0, g, rr * G + 2) + b_hh[2 * H + j]
                     r, z, n, hh = _gru_cell(xp[t, b, j], xp[t, b, H + j], xp[t, b, 2 * H + j],
                                             a0 + b_hh[j], a1 + b_hh[H + j], hnv, hprev, one)
                     act[t, b, j] = r
@@ -702,49 +790,70 @@ def _forward_kernel(cell: str, dtype):
     return kernel
 
 
-def _backward_kernel(cell: str, dtype):
-    key = ("backward", cell, np.dtype(dtype).str)
+def _backward_columns(U: int) -> int:
+    """C, the units a backward thread sums (registers: ROWS*C), compiled for 1, 2 or 4."""
+    return 1 if U == 1 else 2 if U == 2 else 4
+
+
+def _backward_kernel(cell: str, dtype, C: int):
+    key = ("backward", cell, np.dtype(dtype).str, ROWS, PREFETCH, C)
     if key in _KERNELS:
         return _KERNELS[key]
     G = GATES[cell]
     LSTM, GRU = cell == "lstm", cell == "gru"
+    R, L, RC = ROWS, PREFETCH, ROWS * C  # local array sizes must be constants
     smem_type = numba.from_dtype(np.dtype(dtype))
+    products = _products_fn(C)
 
     @cuda.jit
-    def kernel(w_hh, hmask, use_mask, h0, c0, hs, act, cs, hn, dhs, U, s0, s1, dT, dxp, dhp, dc,
-               direct, dh0):
-        """Reverse steps s0..s1-1 (t = T-1-s; s = T computes dh0 only); our units only.
-        dc (LSTM) and direct (GRU, z * dh) carry each unit's own state between steps.
-        dT (2,G*H,B): step t writes its dL/dhp rows (dxp's, or dhp's for GRU) transposed into
-        dT[t % 2]; step t-1 reads them from there."""
+    def kernel(w_hh, hmask, use_mask, h0, c0, hs, act, cs, hn, dhs, U, KS, KT, s0, s1, dT, dxp,
+               dhp, dc, direct, dh0):
+        """Reverse steps s0..s1-1 (t = T-1-s; s = T computes dh0 only); our units only. A
+        thread: units g*C .. g*C+C-1 of the block, rows bq + r*BR. dc (LSTM) and direct
+        (GRU, z * dh) carry each unit's own state between steps. dT (2,G*H,B): step t
+        writes its dL/dhp rows (dxp's, or dhp's for GRU) transposed into dT[t % 2]; step
+        t-1 reads them from there."""
         T, B, H = hs.shape
-        one = hs.dtype.type(1)
-        zero = one - one
         GH = G * H
         j0 = cuda.blockIdx.x * U
         Uk = max(0, min(U, H - j0))
+        NC = (U + C - 1) // C * C  # W columns, padded with zeros to whole groups
         tid, nt = cuda.threadIdx.x, cuda.blockDim.x
-        w = cuda.shared.array(0, smem_type)  # (G*H, U): W_hh columns of our units
-        for idx in range(tid, GH * U, nt):
-            r = idx // U
-            jj = idx - r * U
-            if jj < Uk:
-                w[idx] = w_hh[r, j0 + jj]
-        cuda.syncthreads()
+        BR = (B + R - 1) // R
+        bq = tid % BR
+        grp = (tid // BR) % (NC // C)
+        ks = tid // (BR * (NC // C))
+        SB = B + (BR - B) % 32
+        sm = cuda.shared.array(0, smem_type)  # [0, G*H*NC): W_hh columns of our units
+        for idx in range(tid, GH * NC, nt):
+            r = idx // NC
+            u = idx - r * NC
+            sm[idx] = w_hh[r, j0 + u] if u < Uk else 0
+        pre = cuda.local.array(L, smem_type)
+        acc = cuda.local.array(RC, smem_type)
+        wv = cuda.local.array(C, smem_type)
+        NT0 = BR * (NC // C)  # threads of one k-split
+        one = hs.dtype.type(1)
+        zero = one - one
         grid = cuda.cg.this_grid()
         for s in range(s0, s1):
             if s > s0:
                 grid.sync()  # every block's dL/dhp of step t+1 is written
             t = T - 1 - s
             rd, wr = (t + 1) % 2, t % 2
+            if t + 1 < T:  # dL/dh_t arriving from step t+1: (dhp @ W_hh) * mask + direct
+                products(dT[rd], sm, GH * NC, SB, KT, NC, grp * C, 1, bq, BR, ks, KS, pre, acc,
+                         wv)
             for pair in range(tid, B * Uk, nt):
-                jj = pair // B  # batch rows fastest: a warp reads adjacent dT entries
-                b = pair - jj * B
-                j = j0 + jj
-                rec = zero  # dL/dh_t arriving from step t+1: (dhp @ W_hh) * mask + direct
+                u = pair // B  # batch rows fastest: coalesced writes of dT
+                b = pair - u * B
+                j = j0 + u
+                rec = zero
                 if t + 1 < T:
-                    for r in range(GH):
-                        rec += dT[rd, r, b] * w[r * U + jj]
+                    rr = b // BR
+                    ug = u // C  # the column group that summed unit u
+                    rec = _partial_sum(sm, GH * NC, KS, RC, NT0, b - rr * BR + ug * BR,
+                                       rr * C + u - ug * C)
                     if use_mask:
                         rec = rec * hmask[b, j]
                     if GRU:
@@ -793,52 +902,83 @@ def _backward_kernel(cell: str, dtype):
     return kernel
 
 
-def _threads_for(B: int, U: int) -> int:
-    """Block size: one thread per (row, unit) pair, whole warps, at most PERSISTENT_THREADS."""
-    return max(1, min(PERSISTENT_THREADS, -(-B * U // 32) * 32))
+def _layout(B: int, K: int, NC: int, C: int, groups: int, KS: int, itemsize: int,
+            tile_rows: int = 0):
+    """(threads, KT, shared bytes) of a block whose W slice is (K, NC) and whose threads
+    are BR row groups x `groups` column groups x KS k-splits."""
+    BR = -(-B // ROWS)
+    nt = BR * groups * KS
+    KT = tile_rows or max(1, min(K, PREFETCH * nt // B))
+    SB = B + (BR - B) % 32
+    items = K * NC + max(KT * SB, KS * ROWS * C * BR * groups)
+    return nt, KT, items * itemsize
 
 
-def _plan(kernel, args, key, G: int, B: int, H: int, itemsize: int, units: int,
-          stepwise: bool):
-    """(U, blocks, threads): the fewest units per block (most blocks) whose W_hh slice fits
-    SMEM_LIMIT and whose grid the GPU can hold at once (a cooperative launch must)."""
-    per_unit = G * H * itemsize  # shared bytes per owned unit
+def _sm_count() -> int:
+    try:
+        return int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+    except Exception:  # noqa: BLE001 -- the simulator's device may not say
+        return 1
+
+
+def _plan(kernel_for, args, key, direction: str, G: int, B: int, H: int, itemsize: int,
+          units: int, splits: int, tile_rows: int, stepwise: bool) -> Plan:
+    """The launch of one layer's persistent kernel. U: the fewest units per block whose
+    grid still fits one block an SM (every block reads the whole previous state each step,
+    so more blocks than SMs read more and add nothing), else the most that fit. KS: as
+    many k-splits as keep the block within PERSISTENT_THREADS and its shared memory
+    (W slice, then the state tile or the partial sums) within SMEM_LIMIT."""
     sig = tuple(numba.typeof(a) for a in args)  # occupancy depends on the compiled code
-    key = (*key, sig, PERSISTENT_THREADS, SMEM_LIMIT)
-    if units:
-        candidates = [units]
-    else:
-        candidates = range(1, min(H, SMEM_LIMIT // per_unit) + 1)
-        if key in _PLANS:
-            return _PLANS[key]
-    if stepwise:  # separate launches per step: any grid runs, no co-residency needed
-        for U in candidates:
-            if U * per_unit <= SMEM_LIMIT:
-                return U, -(-H // U), _threads_for(B, U)
-        raise PersistentUnavailable(f"hidden size {H}: W_hh slice of one unit "
-                                    f"({per_unit} bytes) exceeds SMEM_LIMIT={SMEM_LIMIT}")
-    if SIM:  # the simulator runs one block per cooperative grid (it has no grid barrier)
-        def max_blocks(threads, smem):
-            return kernel.overloads[None].max_cooperative_grid_blocks(threads)
-    else:
+    key = (*key, sig, PERSISTENT_THREADS, SMEM_LIMIT, ROWS, PREFETCH)
+    if not (units or splits or tile_rows or stepwise) and key in _PLANS:
+        return _PLANS[key]
+    BR = -(-B // ROWS)
+
+    def fit(U):  # (threads, KS, KT, smem) of the largest KS that fits, or None
+        if direction == "forward":
+            K, NC, C, groups = H, G * U, G, U
+        else:
+            C = _backward_columns(U)
+            K, groups = G * H, -(-U // C)
+            NC = groups * C
+        ks_max = splits or max(1, min(K, PERSISTENT_THREADS // (BR * groups)))
+        for KS in range(ks_max, 0, -1):
+            nt, KT, smem = _layout(B, K, NC, C, groups, KS, itemsize, tile_rows)
+            if nt <= PERSISTENT_THREADS and smem <= SMEM_LIMIT:
+                return nt, KS, KT, smem
+        return None
+
+    def co_resident(U, nb, nt, smem):
+        kernel = kernel_for(U)
+        if stepwise:  # separate launches: any grid runs
+            return True
+        if SIM:  # the simulator runs one block per cooperative grid
+            return nb <= kernel.overloads[None].max_cooperative_grid_blocks(nt)
         try:  # a cooperative kernel links libcudadevrt, which a CUDA install may lack
             compiled = kernel.compile(sig)
         except Exception as e:
             raise PersistentUnavailable(f"persistent recurrence could not be built: {e}") from e
+        return nb <= compiled.max_cooperative_grid_blocks(nt, smem)
 
-        def max_blocks(threads, smem):
-            return compiled.max_cooperative_grid_blocks(threads, smem)
-    for U in candidates:
-        U = min(U, H)  # a forced U above H is one block
-        smem, nb, threads = U * per_unit, -(-H // U), _threads_for(B, U)
-        if smem <= SMEM_LIMIT and nb <= max_blocks(threads, smem):
-            if not units:
-                _PLANS[key] = (U, nb, threads)
-            return U, nb, threads
-    raise PersistentUnavailable(
-        f"persistent recurrence: H={H} (G={G}, {itemsize}-byte floats) needs W_hh "
-        f"({G * H * H * itemsize} bytes) spread over more co-resident blocks than this GPU "
-        f"holds with SMEM_LIMIT={SMEM_LIMIT}; use the per-step design (persistent=False)")
+    plan, n_sm = None, _sm_count()
+    for U in ([min(units, H)] if units else range(1, H + 1)):
+        if G * H * U * itemsize > SMEM_LIMIT:  # the W slice alone: more units fit less
+            break
+        f = fit(U)
+        if f is not None and co_resident(U, -(-H // U), f[0], f[3]):
+            plan = Plan(U, -(-H // U), *f)
+            if plan.blocks <= n_sm:
+                break
+    if plan is None:
+        raise PersistentUnavailable(
+            f"persistent recurrence: H={H} (G={G}, {itemsize}-byte floats) needs W_hh "
+            f"({G * H * H * itemsize} bytes) spread over more co-resident blocks than this GPU "
+            f"holds with SMEM_LIMIT={SMEM_LIMIT}, or B={B} needs more than "
+            f"PERSISTENT_THREADS={PERSISTENT_THREADS} threads; use the per-step design "
+            f"(persistent=False)")
+    if not (units or splits or tile_rows or stepwise):
+        _PLANS[key] = plan
+    return plan
 
 
 @cuda.jit(cache=True)
@@ -870,14 +1010,14 @@ def _dummy(a, ndim: int):
 
 
 def persistent_layer_forward(cell, xp, w_hh, b_hh, h0, c0, hmask, hs, act, cs, hn, units=0,
-                             stepwise=False):
+                             splits=0, tile_rows=0, stepwise=False):
     """One layer over a window in one cooperative launch (HostBackend.layer_forward's loop).
     xp (T,B,G*H) input projections (b_ih included); w_hh (G*H,H); b_hh (G*H,); h0 (B,H);
     c0 (B,H) (LSTM, else None); hmask (B,H) or None -> hs (T,B,H); act (T,B,G*H) (LSTM, GRU);
-    cs (T,B,H) (LSTM); hn (T,B,H) (GRU); the others None. units: hidden units per block
-    (0: planned). stepwise: one launch per step, any number of blocks (the simulator's way
-    to run several blocks: it has no grid barrier). Raises PersistentUnavailable (before
-    launching anything) when the layer does not fit."""
+    cs (T,B,H) (LSTM); hn (T,B,H) (GRU); the others None. units, splits, tile_rows: force
+    the plan's U, KS, KT (0: planned). stepwise: one launch per step, any number of blocks
+    (the simulator's way to run several blocks: it has no grid barrier). Raises
+    PersistentUnavailable (before launching anything) when the layer does not fit."""
     T, B, H = hs.shape
     G = GATES[cell]
     kernel = _forward_kernel(cell, hs.dtype)
@@ -885,41 +1025,45 @@ def persistent_layer_forward(cell, xp, w_hh, b_hh, h0, c0, hmask, hs, act, cs, h
     mask = d2 if hmask is None else _dev(hmask)
     hT = _pingpong("hT", H, B, hs.dtype)  # (2, H, B)
     args = [_dev(xp), _dev(w_hh), _dev(b_hh), _dev(h0), d2 if c0 is None else _dev(c0),
-            mask, 0 if hmask is None else 1, 1, 0, T, hT, _dev(hs),
+            mask, 0 if hmask is None else 1, 1, 1, 1, 0, T, hT, _dev(hs),
             d3 if act is None else _dev(act), d3 if cs is None else _dev(cs),
             d3 if hn is None else _dev(hn)]
     key = ("forward", cell, np.dtype(hs.dtype).str, B, H)
-    U, nb, threads = _plan(kernel, args, key, G, B, H, np.dtype(hs.dtype).itemsize, units,
-                           stepwise)
-    args[7] = U
+    plan = _plan(lambda U: kernel, args, key, "forward", G, B, H, np.dtype(hs.dtype).itemsize,
+                 units, splits, tile_rows, stepwise)
+    args[7:10] = plan.U, plan.KS, plan.KT
     _launch(_masked_transpose_kernel, B * H, h0, mask, args[6], hT[1])
-    launch = kernel[nb, threads, 0, G * U * H * np.dtype(hs.dtype).itemsize]
+    launch = kernel[plan.blocks, plan.threads, 0, plan.smem]
     for s0, s1 in ([(t, t + 1) for t in range(T)] if stepwise else [(0, T)]):
-        args[8], args[9] = s0, s1
+        args[10], args[11] = s0, s1
         launch(*args)
 
 
 def persistent_layer_backward(cell, w_hh, hmask, h0, c0, hs, act, cs, hn, dhs, dxp, dhp, dc,
-                              direct, dh0, units=0, stepwise=False):
+                              direct, dh0, units=0, splits=0, tile_rows=0, stepwise=False):
     """The backward of persistent_layer_forward (HostBackend.layer_backward's loop).
     dhs (T,B,H) = dL/dh_t from above -> dxp (T,B,G*H); dhp (T,B,3H) (GRU, else None: it is
     dxp); dc (B,H) (LSTM) ends as dL/dc0; direct (B,H) (GRU) is scratch; dh0 (B,H).
     The weight gradients are one GEMM over the window, left to the caller."""
     T, B, H = hs.shape
     G = GATES[cell]
-    kernel = _backward_kernel(cell, hs.dtype)
+    itemsize = np.dtype(hs.dtype).itemsize
     d2, d3 = _dummy(hs, 2), _dummy(hs, 3)
     args = [_dev(w_hh), d2 if hmask is None else _dev(hmask), 0 if hmask is None else 1,
             _dev(h0), d2 if c0 is None else _dev(c0), _dev(hs), d3 if act is None else _dev(act),
-            d3 if cs is None else _dev(cs), d3 if hn is None else _dev(hn), _dev(dhs), 1, 0,
-            T + 1, _pingpong("dT", G * H, B, hs.dtype), _dev(dxp),
+            d3 if cs is None else _dev(cs), d3 if hn is None else _dev(hn), _dev(dhs), 1, 1, 1,
+            0, T + 1, _pingpong("dT", G * H, B, hs.dtype), _dev(dxp),
             d3 if dhp is None else _dev(dhp), d2 if dc is None else _dev(dc),
             d2 if direct is None else _dev(direct), _dev(dh0)]
     key = ("backward", cell, np.dtype(hs.dtype).str, B, H)
-    U, nb, threads = _plan(kernel, args, key, G, B, H, np.dtype(hs.dtype).itemsize, units,
-                           stepwise)
-    args[10] = U
-    launch = kernel[nb, threads, 0, G * U * H * np.dtype(hs.dtype).itemsize]
+    def kernel_for(U):  # compiled per C, the units a thread sums, which follows U
+        return _backward_kernel(cell, hs.dtype, _backward_columns(U))
+
+    plan = _plan(kernel_for, args, key, "backward", G, B, H, itemsize, units, splits, tile_rows,
+                 stepwise)
+    kernel = kernel_for(plan.U)
+    args[10:13] = plan.U, plan.KS, plan.KT
+    launch = kernel[plan.blocks, plan.threads, 0, plan.smem]
     for s0, s1 in ([(s, s + 1) for s in range(T + 1)] if stepwise else [(0, T + 1)]):
-        args[11], args[12] = s0, s1
+        args[13], args[14] = s0, s1
         launch(*args)
