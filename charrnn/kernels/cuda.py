@@ -311,52 +311,53 @@ def gather_rows(table, ids, out):
     _launch(_gather_rows_kernel, out.size, table, ids, out)
 
 
-_SCATTER: dict = {}  # dtype -> scatter_add_rows kernel (its shared array's dtype is fixed)
+@cuda.jit(cache=True)
+def _scatter_sorted_kernel(order, starts, d, out):
+    """out[v, j] += d[order[i], j] for i in starts[v]..starts[v+1]-1, in that order: one
+    thread per (v, j), no races, no atomics. order lists the rows by id, stably, so each
+    sum takes its rows in the order np.add.at does: the reference's sums bit for bit. Four
+    rows' loads are issued before their adds (the adds stay in order)."""
+    V, D = out.shape
+    for k in range(cuda.grid(1), V * D, cuda.gridsize(1)):
+        v = k // D
+        j = k - v * D
+        acc = out[v, j]
+        i, end = starts[v], starts[v + 1]
+        while i + 4 <= end:
+            x0 = d[order[i], j]
+            x1 = d[order[i + 1], j]
+            x2 = d[order[i + 2], j]
+            x3 = d[order[i + 3], j]
+            acc += x0
+            acc += x1
+            acc += x2
+            acc += x3
+            i += 4
+        while i < end:
+            acc += d[order[i], j]
+            i += 1
+        out[v, j] = acc
 
 
-def _scatter_kernel(dtype):
-    key = np.dtype(dtype).str
-    if key in _SCATTER:
-        return _SCATTER[key]
-    smem_type = numba.from_dtype(np.dtype(dtype))
+def _rows_by_id(ids, V: int):
+    """(order, starts): the positions of ids sorted stably by id, and where each id's run
+    starts in them, (V+1,); ids outside [0, V) fall outside every run."""
+    if SIM:
+        xp, ids = np, np.asarray(ids)
+    else:
+        import cupy as xp
 
-    @cuda.jit
-    def kernel(ids, d, out, vt):
-        """Tiles of (nt columns) x (vt vocabulary rows); a thread owns one column of its tile
-        and adds rows 0..N-1 in order, as np.add.at does: no races, no atomics, the
-        reference's sums bit for bit. The running sums sit in shared memory (vt, nt), so a
-        step of that chain waits on shared memory, not on a global store and reload."""
-        N, D = d.shape
-        V = out.shape[0]
-        nt, tid = cuda.blockDim.x, cuda.threadIdx.x
-        acc = cuda.shared.array(0, smem_type)
-        col_tiles = (D + nt - 1) // nt
-        for k in range(cuda.blockIdx.x, col_tiles * ((V + vt - 1) // vt), cuda.gridDim.x):
-            v0 = (k // col_tiles) * vt
-            j = (k - (k // col_tiles) * col_tiles) * nt + tid
-            rows = min(vt, V - v0)
-            if j < D:
-                for v in range(rows):
-                    acc[v * nt + tid] = out[v0 + v, j]
-                for n in range(N):
-                    v = ids[n] - v0
-                    if v >= 0 and v < rows:
-                        acc[v * nt + tid] += d[n, j]
-                for v in range(rows):
-                    out[v0 + v, j] = acc[v * nt + tid]
-
-    _SCATTER[key] = kernel
-    return kernel
+        ids = xp.asarray(ids)
+    order = xp.argsort(ids, kind="stable") if SIM else xp.argsort(ids)  # CuPy's is stable
+    starts = xp.searchsorted(ids[order], xp.arange(V + 1, dtype=ids.dtype), side="left")
+    return order, starts
 
 
 def scatter_add_rows(ids, d, out):
     """ids (N,) int; d (N,D) -> out (V,D) += sum of d's rows into the rows named by ids."""
     V, D = out.shape
-    itemsize = np.dtype(out.dtype).itemsize
-    vt = max(1, min(V, SMEM_LIMIT // (THREADS * itemsize)))  # vocabulary rows a tile
-    tiles = -(-D // THREADS) * -(-V // vt)
-    _scatter_kernel(out.dtype)[min(tiles, MAX_BLOCKS), THREADS, 0, vt * THREADS * itemsize](
-        _dev(ids), _dev(d), _dev(out), vt)
+    order, starts = _rows_by_id(ids, V)
+    _launch(_scatter_sorted_kernel, V * D, order, starts, d, out)
 
 
 # ---------------------------------------------------------------- block reductions
@@ -655,29 +656,28 @@ def _products_fn(C: int):
     R, L = ROWS, PREFETCH
 
     @cuda.jit(device=True)
-    def products(src, sm, boff, SB, KT, NC, col0, es, bq, BR, ks, KS, pre, acc, wv):
-        K, B = src.shape
-        tid, nt = cuda.threadIdx.x, cuda.blockDim.x
+    def products(src, sm, boff, SB, KT, NC, col0, es, bq, BR, ks, KS, prow, pcol, pre, acc, wv):
+        """prow, pcol (PREFETCH,): where this thread's prefetched values sit in a tile (from
+        `tile_slots`): integer division is slow on the GPU and they never change."""
+        K = src.shape[0]
         for i in range(R * C):
             acc[i] = 0
-        n = min(KT, K) * B
         for i in range(L):  # tile 0
-            e = tid + i * nt
-            if e < n:
-                pre[i] = src[e // B, e % B]
+            if prow[i] < KT and prow[i] < K:
+                pre[i] = src[prow[i], pcol[i]]
         for k0 in range(0, K, KT):
+            rows = min(KT, K - k0)
             cuda.syncthreads()  # every thread is done with the previous tile
             for i in range(L):
-                e = tid + i * nt
-                if e < n:
-                    sm[boff + (e // B) * SB + e % B] = pre[i]
+                if prow[i] < rows:
+                    sm[boff + prow[i] * SB + pcol[i]] = pre[i]
             cuda.syncthreads()
-            n = min(KT, K - k0 - KT) * B  # the next tile's values, loaded during the sums
+            nxt = min(KT, K - k0 - KT)  # the next tile's rows, loaded during the sums
             for i in range(L):
-                e = tid + i * nt
-                if e < n:
-                    pre[i] = src[k0 + KT + e // B, e % B]
-            for kl in range(ks, min(KT, K - k0), KS):
+                if prow[i] < nxt:
+                    pre[i] = src[k0 + KT + prow[i], pcol[i]]
+            kl = ks
+            while kl < rows:
                 wb = (k0 + kl) * NC + col0
                 for i in range(C):
                     wv[i] = sm[wb + i * es]
@@ -686,15 +686,26 @@ def _products_fn(C: int):
                     hv = sm[hb + r * BR]
                     for i in range(C):
                         acc[r * C + i] += hv * wv[i]
+                kl += KS
         cuda.syncthreads()  # the tile buffer now takes the partial sums
-        NT0 = nt // KS
-        g = tid - ks * NT0
+        g = cuda.threadIdx.x - ks * (cuda.blockDim.x // KS)
+        NT0 = cuda.blockDim.x // KS
         for i in range(R * C):
             sm[boff + (ks * R * C + i) * NT0 + g] = acc[i]
         cuda.syncthreads()
 
     _KERNELS[key] = products
     return products
+
+
+@cuda.jit(device=True)
+def _tile_slots(B, prow, pcol):
+    """The (row, column) of each value this thread prefetches into a (KT, B) tile: value
+    e = tid + i*blockDim (row-major), the same every tile."""
+    for i in range(prow.shape[0]):
+        e = cuda.threadIdx.x + i * cuda.blockDim.x
+        prow[i] = e // B
+        pcol[i] = e - prow[i] * B
 
 
 @cuda.jit(device=True)
@@ -740,6 +751,9 @@ def _forward_kernel(cell: str, dtype):
             u = r - q * U
             sm[idx] = w_hh[q * H + j0 + u, kk] if u < Uk else 0
         pre = cuda.local.array(L, smem_type)
+        prow = cuda.local.array(L, numba.int32)
+        pcol = cuda.local.array(L, numba.int32)
+        _tile_slots(B, prow, pcol)
         acc = cuda.local.array(RG, smem_type)
         wv = cuda.local.array(G, smem_type)
         NT0 = BR * U  # threads of one k-split
@@ -749,7 +763,8 @@ def _forward_kernel(cell: str, dtype):
             if t > s0:
                 grid.sync()  # every block's h of step t-1 is written
             rd, wr = (t + 1) % 2, t % 2
-            products(hT[rd], sm, H * GU, SB, KT, GU, jj, U, bq, BR, ks, KS, pre, acc, wv)
+            products(hT[rd], sm, H * GU, SB, KT, GU, jj, U, bq, BR, ks, KS, prow, pcol, pre, acc,
+                     wv)
             for pair in range(tid, B * Uk, nt):
                 u = pair // B  # batch rows fastest: coalesced writes of hT
                 b = pair - u * B
@@ -830,6 +845,9 @@ def _backward_kernel(cell: str, dtype, C: int):
             u = idx - r * NC
             sm[idx] = w_hh[r, j0 + u] if u < Uk else 0
         pre = cuda.local.array(L, smem_type)
+        prow = cuda.local.array(L, numba.int32)
+        pcol = cuda.local.array(L, numba.int32)
+        _tile_slots(B, prow, pcol)
         acc = cuda.local.array(RC, smem_type)
         wv = cuda.local.array(C, smem_type)
         NT0 = BR * (NC // C)  # threads of one k-split
@@ -842,8 +860,8 @@ def _backward_kernel(cell: str, dtype, C: int):
             t = T - 1 - s
             rd, wr = (t + 1) % 2, t % 2
             if t + 1 < T:  # dL/dh_t arriving from step t+1: (dhp @ W_hh) * mask + direct
-                products(dT[rd], sm, GH * NC, SB, KT, NC, grp * C, 1, bq, BR, ks, KS, pre, acc,
-                         wv)
+                products(dT[rd], sm, GH * NC, SB, KT, NC, grp * C, 1, bq, BR, ks, KS, prow, pcol,
+                         pre, acc, wv)
             for pair in range(tid, B * Uk, nt):
                 u = pair // B  # batch rows fastest: coalesced writes of dT
                 b = pair - u * B
@@ -934,7 +952,7 @@ def _plan(kernel_for, args, key, direction: str, G: int, B: int, H: int, itemsiz
         return _PLANS[key]
     BR = -(-B // ROWS)
 
-    def fit(U):  # (threads, KS, KT, smem) of the largest KS that fits, or None
+    def fit(U):  # the Plan of U with the most k-splits that fit, or None
         if direction == "forward":
             K, NC, C, groups = H, G * U, G, U
         else:
@@ -942,10 +960,11 @@ def _plan(kernel_for, args, key, direction: str, G: int, B: int, H: int, itemsiz
             K, groups = G * H, -(-U // C)
             NC = groups * C
         ks_max = splits or max(1, min(K, PERSISTENT_THREADS // (BR * groups)))
-        for KS in range(ks_max, 0, -1):
+        for KS in range(ks_max, 0, -1):  # fewer threads: less shared memory, more blocks an SM
             nt, KT, smem = _layout(B, K, NC, C, groups, KS, itemsize, tile_rows)
-            if nt <= PERSISTENT_THREADS and smem <= SMEM_LIMIT:
-                return nt, KS, KT, smem
+            if (nt <= PERSISTENT_THREADS and smem <= SMEM_LIMIT
+                    and co_resident(U, -(-H // U), nt, smem)):
+                return Plan(U, -(-H // U), nt, KS, KT, smem)
         return None
 
     def co_resident(U, nb, nt, smem):
@@ -964,11 +983,9 @@ def _plan(kernel_for, args, key, direction: str, G: int, B: int, H: int, itemsiz
     for U in ([min(units, H)] if units else range(1, H + 1)):
         if G * H * U * itemsize > SMEM_LIMIT:  # the W slice alone: more units fit less
             break
-        f = fit(U)
-        if f is not None and co_resident(U, -(-H // U), f[0], f[3]):
-            plan = Plan(U, -(-H // U), *f)
-            if plan.blocks <= n_sm:
-                break
+        plan = fit(U) or plan
+        if plan is not None and plan.U == U and plan.blocks <= n_sm:
+            break
     if plan is None:
         raise PersistentUnavailable(
             f"persistent recurrence: H={H} (G={G}, {itemsize}-byte floats) needs W_hh "
