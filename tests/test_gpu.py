@@ -171,7 +171,7 @@ def test_persistent_and_per_step_layers_agree_with_cpu(cell):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("units", [0, 2, 3])  # float64 LSTM: at most 3 fit 48 KiB
+@pytest.mark.parametrize("units", [0, 2])  # float64 LSTM: 2 units' W_hh and the sums fit 48 KiB
 def test_persistent_float64_matches_reference_tightly(cell, units):
     """float64, 20 steps: the persistent kernels' maths with auto and forced block slicing."""
     case, dhs = _layer_case(cell, np.float64, 4)
@@ -242,6 +242,8 @@ def test_one_training_step_cpu_vs_gpu(cell, persistent, residual):
     want_grads = {n: g.copy() for n, g in g1.items()}
     assert clip_grad_norm(want_grads, tcfg.grad_clip, CPU.k) == pytest.approx(n1, rel=1e-5)
     Adam.from_config(want.params, CPU.k, tcfg, xp=np).step(want_grads, tcfg.lr)
-    for name in p0:
-        assert _rel(p1[name] - params[name], want.params[name] - params[name]) < 1e-4, name
+    for name in p0:  # a few ulps: the update is ~1e-5 of an embedding entry, so comparing
+        # updates would measure the rounding of p (the two sides order AdamW's terms apart)
+        np.testing.assert_allclose(p1[name], want.params[name], rtol=4 * np.finfo(np.float32).eps,
+                                   atol=1e-9, err_msg=name)
     assert _rel(h1, h0) < 1e-4
