@@ -54,7 +54,7 @@ THREADS = 256  # block size of the element-wise, row and reduction kernels (a po
 MAX_BLOCKS = 1024  # grid cap: larger problems are covered by the grid stride
 PERSISTENT_THREADS = 256  # block size cap of the persistent recurrence
 ROWS = 8  # batch rows a persistent thread sums at once (ROWS * C sums held in registers)
-PREFETCH = 8  # values of the next state tile a persistent thread carries in registers
+PREFETCH = 16  # values of the next state tile a persistent thread carries in registers
 SMEM_LIMIT = 48 * 1024  # dynamic shared memory per block without the opt-in attribute
 _RED = 1024  # shared buffer of the block reductions: THREADS may not exceed it
 
