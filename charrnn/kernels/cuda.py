@@ -10,22 +10,27 @@ summed loss, a sum of squares) copy one scalar to the host.
 Every kernel loops over a grid stride (or, for row kernels, a block stride over rows), so
 a test that sets THREADS and MAX_BLOCKS small runs several blocks on tiny shapes.
 
-Determinism: no float atomics anywhere. scatter_add_rows gives each thread a column (of a
-tile of vocabulary rows) and adds rows in order; sums (loss, sum of squares) reduce per
-block in a fixed tree into partial sums, then one block reduces those: the same grid gives
-the same bits every run.
+Determinism: no float atomics anywhere. scatter_add_rows sorts the ids stably and gives each
+thread one (id, column), adding that id's rows in order; sums (loss, sum of squares) reduce
+per block in a fixed tree into partial sums, then one block reduces those; the persistent
+kernels add their k-split partial sums in a fixed order: the same grid gives the same bits
+every run.
 
 The persistent recurrence (`persistent_layer_forward/backward`) runs all T steps of one
 layer in one cooperative launch. Block k owns hidden units [k*U, k*U+U) and keeps the
 W_hh entries those units need in shared memory for the whole window: forward, the G gate
-rows of its units (G*U x H); backward, the matching columns (G*H x U). Each step, every
-block reads the previous step's h (forward) or dL/dhp (backward) of ALL units from global
-memory, computes its units' recurrent products and fused cell maths, writes its slice, and
-the grid synchronises (`cuda.cg.this_grid().sync()`). Those reads go through a transposed
-ping-pong copy, (2, H or G*H, B): consecutive threads take consecutive batch rows, so a
-warp's 32 loads of one unit's value are one 128-byte line, not 32 lines H or 4H floats
-apart. U is the smallest that fits: shared memory G*U*H*itemsize <= SMEM_LIMIT, and
-ceil(H/U) blocks co-resident on the GPU.
+rows of its units (H x G*U); backward, the matching columns (G*H x U). Each step, every
+block reads the previous step's h (forward) or dL/dhp (backward) of ALL units, computes
+its units' recurrent products and fused cell maths, writes its slice, and the grid
+synchronises (`cuda.cg.this_grid().sync()`). The state is exchanged through a transposed
+ping-pong copy in global memory, (2, H or G*H, B), and streamed through shared memory in
+tiles (coalesced, the next tile prefetched into registers while the current one is
+summed). A thread sums ROWS batch rows x C columns in registers (a register tile: each
+shared-memory load feeds several FMAs); KS groups of threads split the rows k of each
+tile. U is the smallest that puts one block on each SM (every block reads the whole
+state each step: more blocks only read more), within SMEM_LIMIT and co-residency.
+Measured on an H100 (BENCHMARKS.md): a 3x512 layer window (T=100, B=64) takes 2.9 ms
+forward and 5.0 ms backward.
 
 Dimension letters: B=batch, H=hidden, G=gate blocks (4 LSTM, 3 GRU, 1 RNN), V=vocab,
 N=rows, D=columns, T=time, U=hidden units per block.
