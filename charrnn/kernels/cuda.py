@@ -651,10 +651,10 @@ def _products_fn(C: int):
     W (K,NC) sits at sm[0:K*NC]. The block streams src through sm[boff:] KT rows at a
     time, each thread carrying PREFETCH values of the next tile in registers while the
     current one is summed (K*B loads a step in flight together, instead of one dependent
-    load per product). A thread takes the tile rows ks, ks+KS, ...; at the end every thread
-    stores its acc at sm[boff + (ks*ROWS*C + i)*NT0 + g] (g: its index within its k-split),
-    where `partial_sum` adds the KS shares of one sum in ks order (deterministic). acc is
-    indexed by constants only, so it stays in registers."""
+    load per product). A thread takes the tile rows ks, ks+KS, ...; the KS shares of each
+    sum are then added in a fixed tree and left at sm[boff + i*NT0 + g] (g: the thread's
+    index within its k-split, NT0 threads a k-split). acc is indexed by constants only, so
+    it stays in registers."""
     key = ("products", C, ROWS, PREFETCH)
     if key in _KERNELS:
         return _KERNELS[key]
@@ -692,11 +692,26 @@ def _products_fn(C: int):
                     for i in range(C):
                         acc[r * C + i] += hv * wv[i]
                 kl += KS
-        cuda.syncthreads()  # the tile buffer now takes the partial sums
-        g = cuda.threadIdx.x - ks * (cuda.blockDim.x // KS)
+        # The tile buffer now takes the partial sums: KS groups halve in a fixed tree
+        # (deterministic), so it needs room for KS // 2 groups' sums, not KS.
         NT0 = cuda.blockDim.x // KS
-        for i in range(R * C):
-            sm[boff + (ks * R * C + i) * NT0 + g] = acc[i]
+        g = cuda.threadIdx.x - ks * NT0
+        h = KS
+        while h > 1:
+            half = (h + 1) // 2  # groups [half, h) hand their sums to groups [0, h - half)
+            cuda.syncthreads()
+            if ks >= half and ks < h:
+                for i in range(R * C):
+                    sm[boff + ((ks - half) * R * C + i) * NT0 + g] = acc[i]
+            cuda.syncthreads()
+            if ks < h - half:
+                for i in range(R * C):
+                    acc[i] += sm[boff + (ks * R * C + i) * NT0 + g]
+            h = half
+        cuda.syncthreads()
+        if ks == 0:
+            for i in range(R * C):
+                sm[boff + i * NT0 + g] = acc[i]
         cuda.syncthreads()
 
     _KERNELS[key] = products
@@ -711,15 +726,6 @@ def _tile_slots(B, prow, pcol):
         e = cuda.threadIdx.x + i * cuda.blockDim.x
         prow[i] = e // B
         pcol[i] = e - prow[i] * B
-
-
-@cuda.jit(device=True)
-def _partial_sum(sm, boff, KS, RC, NT0, g, i):
-    """Sum i of thread g (of each k-split) after `products`: its KS shares in ks order."""
-    v = sm[boff + i * NT0 + g]
-    for s in range(1, KS):
-        v += sm[boff + (s * RC + i) * NT0 + g]
-    return v
 
 
 def _forward_kernel(cell: str, dtype):
@@ -776,12 +782,11 @@ def _forward_kernel(cell: str, dtype):
                 j = j0 + u
                 rr = b // BR
                 g = b - rr * BR + u * BR  # the thread (of each k-split) that summed (b, j)
-                a0 = _partial_sum(sm, H * GU, KS, RG, NT0, g, rr * G)
+                p0 = H * GU + rr * G * NT0 + g  # sum q of (b, j): sm[p0 + q*NT0]
+                a0 = sm[p0]
                 if LSTM:
                     cp = c0[b, j] if t == 0 else cs[t - 1, b, j]
-                    a1 = _partial_sum(sm, H * GU, KS, RG, NT0, g, rr * G + 1)
-                    a2 = _partial_sum(sm, H * GU, KS, RG, NT0, g, rr * G + 2)
-                    a3 = _partial_sum(sm, H * GU, KS, RG, NT0, g, rr * G + 3)
+                    a1, a2, a3 = sm[p0 + NT0], sm[p0 + 2 * NT0], sm[p0 + 3 * NT0]
                     gi, gf, gg, go, cc, hh = _lstm_cell(
                         xp[t, b, j] + a0 + b_hh[j], xp[t, b, H + j] + a1 + b_hh[H + j],
                         xp[t, b, 2 * H + j] + a2 + b_hh[2 * H + j],
@@ -793,8 +798,8 @@ def _forward_kernel(cell: str, dtype):
                     cs[t, b, j] = cc
                 elif GRU:
                     hprev = h0[b, j] if t == 0 else hs[t - 1, b, j]
-                    a1 = _partial_sum(sm, H * GU, KS, RG, NT0, g, rr * G + 1)
-                    hnv = _partial_sum(sm, H * GU, KS, RG, NT0, g, rr * G + 2) + b_hh[2 * H + j]
+                    a1 = sm[p0 + NT0]
+                    hnv = sm[p0 + 2 * NT0] + b_hh[2 * H + j]
                     r, z, n, hh = _gru_cell(xp[t, b, j], xp[t, b, H + j], xp[t, b, 2 * H + j],
                                             a0 + b_hh[j], a1 + b_hh[H + j], hnv, hprev, one)
                     act[t, b, j] = r
@@ -875,8 +880,7 @@ def _backward_kernel(cell: str, dtype, C: int):
                 if t + 1 < T:
                     rr = b // BR
                     ug = u // C  # the column group that summed unit u
-                    rec = _partial_sum(sm, GH * NC, KS, RC, NT0, b - rr * BR + ug * BR,
-                                       rr * C + u - ug * C)
+                    rec = sm[GH * NC + (rr * C + u - ug * C) * NT0 + b - rr * BR + ug * BR]
                     if use_mask:
                         rec = rec * hmask[b, j]
                     if GRU:
@@ -928,13 +932,15 @@ def _backward_kernel(cell: str, dtype, C: int):
 def _layout(B: int, K: int, NC: int, C: int, groups: int, KS: int, itemsize: int,
             tile_rows: int = 0):
     """(threads, KT, shared bytes) of a block whose W slice is (K, NC) and whose threads
-    are BR row groups x `groups` column groups x KS k-splits."""
+    are BR row groups x `groups` column groups x KS k-splits; KT 0 when nothing fits. The
+    region after W holds a state tile, then the partial sums of KS // 2 groups."""
     BR = -(-B // ROWS)
     nt = BR * groups * KS
-    KT = tile_rows or max(1, min(K, PREFETCH * nt // B))
     SB = B + (BR - B) % 32
-    items = K * NC + max(KT * SB, KS * ROWS * C * BR * groups)
-    return nt, KT, items * itemsize
+    sums = max(1, KS // 2) * ROWS * C * BR * groups
+    room = SMEM_LIMIT // itemsize - K * NC
+    KT = tile_rows or max(0, min(K, PREFETCH * nt // B, room // SB))
+    return nt, KT, (K * NC + max(KT * SB, sums)) * itemsize
 
 
 def _sm_count() -> int:
@@ -967,7 +973,7 @@ def _plan(kernel_for, args, key, direction: str, G: int, B: int, H: int, itemsiz
         ks_max = splits or max(1, min(K, PERSISTENT_THREADS // (BR * groups)))
         for KS in range(ks_max, 0, -1):  # fewer threads: less shared memory, more blocks an SM
             nt, KT, smem = _layout(B, K, NC, C, groups, KS, itemsize, tile_rows)
-            if (nt <= PERSISTENT_THREADS and smem <= SMEM_LIMIT
+            if (KT and nt <= PERSISTENT_THREADS and smem <= SMEM_LIMIT
                     and co_resident(U, -(-H // U), nt, smem)):
                 return Plan(U, -(-H // U), nt, KS, KT, smem)
         return None
