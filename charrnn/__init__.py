@@ -69,7 +69,7 @@ def restore_row_stack(np_module) -> None:
         np_module.row_stack = np_module.vstack
 
 
-import numpy  # noqa: E402 -- after the thread settings above, which numpy reads once
+import numpy  # here, after the thread settings above, which numpy reads once
 
 restore_row_stack(numpy)
 

@@ -152,6 +152,19 @@ def test_gather_and_scatter_match_reference(V, D, N, id_type):
     np.testing.assert_array_equal(_host(acc), want)
 
 
+def test_scatter_takes_ids_of_any_width():
+    """uint8 ids of a 256-entry vocabulary: the last id's run is found (V does not fit)."""
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 256, 300).astype(np.uint8)
+    ids[:3] = 255
+    d = _randn(rng, (300, 3), np.float32)
+    want = np.zeros((256, 3), np.float32)
+    reference.scatter_add_rows(ids, d, want)
+    acc = _dev(np.zeros((256, 3), np.float32))
+    ck.scatter_add_rows(_dev(ids), _dev(d), acc)
+    np.testing.assert_array_equal(_host(acc), want)
+
+
 # ------------------------------------------------------------------ loss
 
 
@@ -321,6 +334,7 @@ def test_cuda_backend_layer_matches_reference(cell, T, B, H, persistent):
     (2, 5, 2, 0, 0), (3, 8, 3, 0, 0),
     (10, 8, 3, 2, 3),  # 2 row groups (rows bq, bq+2, ..., some past B), tiles of 3 rows
     (17, 6, 2, 3, 1),  # 3 row groups, 3 k-splits summed in shared memory, 1-row tiles
+    (33, 4, 1, 1, 0),  # a tile's padding rows reach past its row stride (SB=35 < 8*BR=40)
 ])
 def test_persistent_kernels_on_several_blocks(monkeypatch, cell, dtype, B, H, units, splits,
                                               tile_rows):

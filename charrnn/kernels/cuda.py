@@ -354,7 +354,8 @@ def _rows_by_id(ids, V: int):
 
         ids = xp.asarray(ids)
     order = xp.argsort(ids, kind="stable") if SIM else xp.argsort(ids)  # CuPy's is stable
-    starts = xp.searchsorted(ids[order], xp.arange(V + 1, dtype=ids.dtype), side="left")
+    # int64 bounds: V itself may not fit the ids' dtype (uint8 ids of a 256-entry vocabulary)
+    starts = xp.searchsorted(ids[order], xp.arange(V + 1), side="left")
     return order, starts
 
 
@@ -939,8 +940,12 @@ def _layout(B: int, K: int, NC: int, C: int, groups: int, KS: int, itemsize: int
     SB = B + (BR - B) % 32
     sums = max(1, KS // 2) * ROWS * C * BR * groups
     room = SMEM_LIMIT // itemsize - K * NC
-    KT = tile_rows or max(0, min(K, PREFETCH * nt // B, room // SB))
-    return nt, KT, (K * NC + max(KT * SB, sums)) * itemsize
+    # A tile's last row is read up to ROWS*BR past its start (rows b >= B are padding),
+    # which can pass SB; the prefetch slots cover PREFETCH*nt values; tile_rows only lowers.
+    fit = min(room // SB, (room - ROWS * BR) // SB + 1) if room >= ROWS * BR else 0
+    KT = max(0, min(K, PREFETCH * nt // B, fit, tile_rows or K))
+    tile = max(KT * SB, (KT - 1) * SB + ROWS * BR)
+    return nt, KT, (K * NC + max(tile, sums)) * itemsize
 
 
 def _sm_count() -> int:
@@ -958,7 +963,7 @@ def _plan(kernel_for, args, key, direction: str, G: int, B: int, H: int, itemsiz
     many k-splits as keep the block within PERSISTENT_THREADS and its shared memory
     (W slice, then the state tile or the partial sums) within SMEM_LIMIT."""
     sig = tuple(numba.typeof(a) for a in args)  # occupancy depends on the compiled code
-    key = (*key, sig, PERSISTENT_THREADS, SMEM_LIMIT, ROWS, PREFETCH)
+    key = (*key, sig, PERSISTENT_THREADS, SMEM_LIMIT, ROWS, PREFETCH, _sm_count())
     if not (units or splits or tile_rows or stepwise) and key in _PLANS:
         return _PLANS[key]
     BR = -(-B // ROWS)
@@ -970,8 +975,8 @@ def _plan(kernel_for, args, key, direction: str, G: int, B: int, H: int, itemsiz
             C = _backward_columns(U)
             K, groups = G * H, -(-U // C)
             NC = groups * C
-        ks_max = splits or max(1, min(K, PERSISTENT_THREADS // (BR * groups)))
-        for KS in range(ks_max, 0, -1):  # fewer threads: less shared memory, more blocks an SM
+        ks_max = max(1, min(K, PERSISTENT_THREADS // (BR * groups)))
+        for KS in [splits] if splits else range(ks_max, 0, -1):  # fewer: less memory
             nt, KT, smem = _layout(B, K, NC, C, groups, KS, itemsize, tile_rows)
             if (KT and nt <= PERSISTENT_THREADS and smem <= SMEM_LIMIT
                     and co_resident(U, -(-H // U), nt, smem)):
