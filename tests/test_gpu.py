@@ -235,15 +235,15 @@ def test_one_training_step_cpu_vs_gpu(cell, persistent, residual):
     assert n1 == pytest.approx(n0, rel=1e-4)
     for name in g0:
         assert _rel(g1[name], g0[name]) < 1e-4, name
-    # The GPU's update against the CPU optimizer fed the GPU's own gradients: comparing
-    # with p0 would amplify the gradients' 1e-5 summation-order differences (Adam's first
-    # step divides by |g| + eps). The updates, not the parameters: decoder.bias starts at 0.
+    # The GPU's parameters against the CPU optimizer fed the GPU's own gradients, within a
+    # few ulps. Against p0, Adam's first step (g / (|g| + eps)) would amplify the gradients'
+    # summation-order differences; and an embedding entry's update is ~1e-5 of it, so
+    # comparing updates would measure p's rounding (the sides order AdamW's terms apart).
     want = CharRNN(cfg, params={n: p.copy() for n, p in params.items()}, backend=CPU)
     want_grads = {n: g.copy() for n, g in g1.items()}
     assert clip_grad_norm(want_grads, tcfg.grad_clip, CPU.k) == pytest.approx(n1, rel=1e-5)
     Adam.from_config(want.params, CPU.k, tcfg, xp=np).step(want_grads, tcfg.lr)
-    for name in p0:  # a few ulps: the update is ~1e-5 of an embedding entry, so comparing
-        # updates would measure the rounding of p (the two sides order AdamW's terms apart)
+    for name in p0:
         np.testing.assert_allclose(p1[name], want.params[name], rtol=4 * np.finfo(np.float32).eps,
                                    atol=1e-9, err_msg=name)
     assert _rel(h1, h0) < 1e-4
