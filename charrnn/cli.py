@@ -94,7 +94,8 @@ def _device_option(f):
     return click.option("--device", type=click.Choice(["auto", "cpu", "numpy", "cuda"]), default="auto",
                         show_default=True,
                         help="cpu: numba kernels; numpy: plain numpy (fastest start-up); auto: cuda if "
-                             "present, else cpu (numpy for names and score)")(f)
+                             "present, else cpu; names and score never pick cuda (slower there) "
+                             "and run small jobs on numpy")(f)
 
 
 def _ckpt_option(f=None, *, default="newest run, else the shipped model"):
@@ -110,21 +111,25 @@ def _ckpt_option(f=None, *, default="newest run, else the shipped model"):
 NUMPY_NAMES_MAX = 500
 
 
-def _backend_name(device: str, small_job: bool = False) -> str:
+def _backend_name(device: str, small_job: bool = False, gpu: bool = True) -> str:
     """--device -> backend name. Small inference jobs (score, a few hundred names) run on
     plain numpy by default: numba's start-up (about 0.5 s warm, seconds of compiling on a
-    cold cache) costs more than its kernels save on a few batched steps."""
+    cold cache) costs more than its kernels save on a few batched steps. gpu=False: auto
+    never picks cuda (names: on an H100 the GPU made 3,203 names/s, 0.12x torch's CUDA
+    path, while the CPU path runs at 2-3x torch's CPU one; BENCHMARKS.md)."""
     from charrnn.backend import cuda_usable
 
-    if device == "auto":
-        return "cuda" if cuda_usable() else ("reference" if small_job else "cpu")
-    return device
+    if device != "auto":
+        return device
+    if gpu and not small_job and cuda_usable():
+        return "cuda"
+    return "reference" if small_job else "cpu"
 
 
-def _load(ckpt, device, default, small_job=False, finite=True):
+def _load(ckpt, device, default, small_job=False, finite=True, gpu=True):
     from charrnn.runs import Loaded, resolve
 
-    return Loaded(resolve(ckpt, default), _backend_name(device, small_job), finite=finite)
+    return Loaded(resolve(ckpt, default), _backend_name(device, small_job, gpu), finite=finite)
 
 
 def _out(text: str):
@@ -647,7 +652,7 @@ def names(ckpt, count, temp, top_k, top_p, seed, min_len, max_len, start, contai
     from charrnn.names import NameFilter, iter_names
 
     SampleConfig(temperature=temp, top_k=top_k, top_p=top_p, seed=seed).validate()
-    run = _load(ckpt, device, "names", small_job=count <= NUMPY_NAMES_MAX)
+    run = _load(ckpt, device, "names", small_job=count <= NUMPY_NAMES_MAX, gpu=False)
     if not run.lines:
         raise UserError(f"{run.path} is a prose model; `names` needs a model trained with --lines")
     lower = not any(t.isupper() for t in run.vocab.tokens if len(t) == 1)

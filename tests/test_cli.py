@@ -318,8 +318,13 @@ def test_resume_needs_training_state_and_its_corpus(runner, tmp_path):
     _fails(runner, ["train", "--resume", "run", "--steps", "50"], "is not there any more; hint: pass the same files")
 
 
-@pytest.mark.parametrize("count, backend", [(20, "reference"), (5000, "cpu")])
-def test_names_picks_numba_only_for_many_names(runner, monkeypatch, count, backend):
+@pytest.mark.parametrize("gpu", [False, True])
+@pytest.mark.parametrize("argv, backend", [
+    (["names", "-n", "20"], "reference"), (["names", "-n", "5000"], "cpu"),
+    (["score", "emma"], "reference"),  # names and score: never the GPU under auto
+    (["sample", "-n", "5"], "cuda|cpu"), (["names", "-n", "20", "--device", "cuda"], "cuda"),
+])
+def test_device_auto_picks_by_job(runner, monkeypatch, gpu, argv, backend):
     import charrnn.runs
 
     chosen = []
@@ -329,9 +334,10 @@ def test_names_picks_numba_only_for_many_names(runner, monkeypatch, count, backe
         raise SystemExit(0)  # the choice is all this test reads
 
     monkeypatch.setattr(charrnn.runs, "Loaded", loaded)
-    monkeypatch.setattr("charrnn.backend.cuda_usable", lambda: False)  # a GPU would take both
-    runner.invoke(main, ["names", "-n", str(count)])
-    assert chosen == [backend]
+    monkeypatch.setattr("charrnn.backend.cuda_usable", lambda: gpu)
+    runner.invoke(main, argv)
+    want = backend.split("|")[0 if gpu else -1]
+    assert chosen == [want]
 
 
 def test_names_filters_that_no_name_can_pass(runner, tmp_path):
