@@ -693,6 +693,10 @@ def names(ckpt, count, temp, top_k, top_p, seed, min_len, max_len, start, contai
                    "models ignore it)  [default: the run's]")
 @click.option("--seq-len", type=click.IntRange(min=1), default=None,
               help=f"characters per window  [default: the run's; {DYN_SEQ_LEN} for the --dynamic pass]")
+@click.option("--max-chars", type=click.IntRange(min=0), default=None,
+              help="score only the first N characters (0: all; prose models)  [default: on the "
+                   "run's own split, the run's --eval-max-chars, so it matches its best val; all "
+                   "of FILE]")
 @click.option("--dynamic", is_flag=True,
               help="also report dynamic evaluation: the model takes a gradient step on each window "
                    "after scoring it (Krause et al. 2018); reported apart from the static loss")
@@ -705,7 +709,8 @@ def names(ckpt, count, temp, top_k, top_p, seed, min_len, max_len, start, contai
 @click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
 @_device_option
 @click.pass_context
-def eval_cmd(ctx, ckpt, file, split, batch_size, seq_len, dynamic, dyn_lr, dyn_decay, dyn_clip, as_json, device):
+def eval_cmd(ctx, ckpt, file, split, batch_size, seq_len, max_chars, dynamic, dyn_lr, dyn_decay, dyn_clip,
+             as_json, device):
     """Loss in nats/char and bits/char on FILE, or on the run's validation/test split."""
     from charrnn.dataset import build_dataset
     from charrnn.dynamic_eval import check_options, evaluate_dynamic
@@ -749,6 +754,11 @@ def eval_cmd(ctx, ckpt, file, split, batch_size, seq_len, dynamic, dyn_lr, dyn_d
             if ids is None:
                 raise UserError(f"the run's corpus ({', '.join(paths) or 'unknown'}) is not "
                                 "available; pass FILE")
+    if max_chars is None:
+        max_chars = 0 if file else cfg.eval_max_chars
+    if max_chars and not run.lines and len(ids) > max_chars + 1:
+        ids = ids[: max_chars + 1]  # as the trainer's capped evaluation: N predicted characters
+        source += f" (its first {max_chars:,} characters)"
     need, unit = (1, "lines") if run.lines else (2, "characters")
     if len(ids) < need:
         what, hint = ((file, "pass a longer file") if file else

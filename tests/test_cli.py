@@ -629,6 +629,23 @@ def test_eval_of_a_run_whose_corpus_is_gone_reads_the_runs_encoded_copy(runner, 
     _fails(runner, ["eval", "-c", "checkpoints/play"], "is not available; pass FILE")
 
 
+def test_eval_of_a_capped_run_matches_its_best_val(runner, tmp_path):
+    """A run trained with --eval-max-chars measured its val on a prefix: eval of its split
+    scores the same prefix by default, so it reproduces the best val; --max-chars 0 scores
+    the whole split, and FILE is scored whole."""
+    (tmp_path / "play.txt").write_text(PROSE)
+    _train(runner, tmp_path / "play.txt", "--eval-max-chars", "40")
+    metrics = [json.loads(ln) for ln in Path("checkpoints/play/metrics.jsonl").read_text().splitlines()]
+    best = min(m["val_loss"] for m in metrics if m.get("val_loss") is not None)
+    capped = json.loads(_ok(runner.invoke(main, ["eval", "--json"])).output)
+    assert capped["tokens"] <= 40 and capped["nats_per_char"] == pytest.approx(best, rel=1e-9)
+    assert "(its first 40 characters)" in capped["source"]
+    whole = json.loads(_ok(runner.invoke(main, ["eval", "--json", "--max-chars", "0"])).output)
+    assert whole["tokens"] > 40
+    res = json.loads(_ok(runner.invoke(main, ["eval", "--json", str(tmp_path / "play.txt")])).output)
+    assert res["tokens"] > whole["tokens"]
+
+
 def test_names_print_as_they_come_and_an_interrupted_list_keeps_them(runner, tmp_path, monkeypatch):
     from charrnn import names
 
