@@ -167,3 +167,20 @@ def test_the_gpu_kernel_profile_runs_every_kernel_and_renders(monkeypatch):
     rows = gpu_kernels.profile(shape, backend, lambda: None, min_time=0, chars=2)
     text = gpu_kernels.render(rows, ceil, "simulator", shape, "test")
     assert "| persistent layer forward | T=3, B=2, H=4 | — | not run: H too large" in text
+
+
+def test_worker_timeout_reaches_every_worker_and_is_reported(monkeypatch, capsys):
+    import subprocess
+
+    from bench import run
+
+    seen = []
+
+    def hung(cmd, **kw):  # a worker that never finishes
+        seen.append(kw["timeout"])
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"])
+
+    monkeypatch.setattr(run.subprocess, "run", hung)
+    assert run.main(["--only", "train-2x128", "--quick", "--worker-timeout", "7"]) == 0
+    assert seen and set(seen) == {7.0}
+    assert "error: timed out after 7 s" in capsys.readouterr().out
