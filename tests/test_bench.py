@@ -1,6 +1,7 @@
 """The benchmark harness's own logic (bench/): repeat sizing, verdicts, the BENCHMARKS.md
 rewrite and the lever screen's option merging. Timing itself is never asserted here."""
 
+import numpy as np
 import pytest
 
 from bench import levers, timing
@@ -184,3 +185,34 @@ def test_worker_timeout_reaches_every_worker_and_is_reported(monkeypatch, capsys
     assert run.main(["--only", "train-2x128", "--quick", "--worker-timeout", "7"]) == 0
     assert seen and set(seen) == {7.0}
     assert "error: timed out after 7 s" in capsys.readouterr().out
+
+
+def test_the_persistent_sweep_times_every_variant_and_flags_a_wrong_one(monkeypatch):
+    """The plumbing, on the simulator at a tiny shape (one block a cooperative grid)."""
+    import os
+
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        pytest.skip("needs numba's CUDA simulator (make test sets it)")
+    pytest.importorskip("numba.cuda")
+    from bench import gpu_kernels, persistent_sweep
+    from charrnn.kernels import cuda as ck
+
+    for name in ("ROWS", "PREFETCH", "PERSISTENT_THREADS"):  # the sweep sets them
+        monkeypatch.setattr(ck, name, getattr(ck, name))
+    monkeypatch.setattr(ck, "_PLANS", {})
+    shape = gpu_kernels.Shape(L=1, H=4, B=3, T=2, V=5)
+    args = (ck, np, lambda: None, [2, 8], [4], [8])
+    lines = persistent_sweep.sweep(*args, shape=shape, min_time=0)
+    assert len(lines) == 4 and all("| forward: U=" in ln for ln in lines[2:])
+    assert not any("DIFFERS" in ln or "not run" in ln for ln in lines)
+
+    real, calls = persistent_sweep.run_variant, []
+
+    def second_is_off(*a, **kw):
+        tf, tb, outs = real(*a, **kw)
+        calls.append(1)
+        return tf, tb, [o * (1.01 if len(calls) == 2 else 1.0) for o in outs]
+
+    monkeypatch.setattr(persistent_sweep, "run_variant", second_is_off)
+    lines = persistent_sweep.sweep(*args, shape=shape, min_time=0)
+    assert "DIFFERS" not in lines[2] and "**DIFFERS 1.0e-02**" in lines[3]
