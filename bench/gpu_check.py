@@ -53,23 +53,12 @@ def _grid_sync_works() -> bool:
 
 def _flagship_plans() -> list[str]:
     import cupy
+    from numba import cuda
 
+    from bench.persistent_sweep import layer_case, run_variant
     from charrnn.kernels import cuda as ck
 
-    T, B, H, G = 4, 64, 512, 4
-    rng = np.random.default_rng(0)
-
-    def dev(*shape):
-        return cupy.asarray(rng.standard_normal(shape).astype(np.float32) * 0.1)
-
-    xp, w_hh, b_hh = dev(T, B, G * H), dev(G * H, H), dev(G * H)
-    h0, c0 = dev(B, H), dev(B, H)
-    hs, act, cs = dev(T, B, H), dev(T, B, G * H), dev(T, B, H)
-    ck.persistent_layer_forward("lstm", xp, w_hh, b_hh, h0, c0, None, hs, act, cs, None)
-    dhs, dxp, dc, dh0 = dev(T, B, H), dev(T, B, G * H), dev(B, H), dev(B, H)
-    ck.persistent_layer_backward("lstm", w_hh, None, h0, c0, hs, act, cs, None, dhs, dxp, None,
-                                 dc, None, dh0)
-    cupy.cuda.Device().synchronize()
+    run_variant(ck, cupy, layer_case(cupy, T=4, B=64, H=512, G=4), cuda.synchronize, 0.0)
     return [f"{key[0]} {key[1]} B={key[3]} H={key[4]}: U={p.U}, {p.blocks} blocks of "
             f"{p.threads} threads, KS={p.KS}, KT={p.KT}, {p.smem} bytes of shared memory"
             for key, p in ck._PLANS.items()]

@@ -642,6 +642,7 @@ class Plan(NamedTuple):
     threads: int  # BR * NG * KS
     KS: int  # threads splitting the k sum of one (rows, columns) share
     KT: int  # rows of the transposed state staged in shared memory at a time
+    SB: int  # a staged row's stride in shared memory (B, padded: see _layout)
     smem: int  # dynamic shared memory, bytes
 
 
@@ -664,7 +665,7 @@ def _products_fn(C: int):
     @cuda.jit(device=True)
     def products(src, sm, boff, SB, KT, NC, col0, es, bq, BR, ks, KS, prow, pcol, pre, acc, wv):
         """prow, pcol (PREFETCH,): where this thread's prefetched values sit in a tile (from
-        `tile_slots`): integer division is slow on the GPU and they never change."""
+        `_tile_slots`): integer division is slow on the GPU and they never change."""
         K = src.shape[0]
         for i in range(R * C):
             acc[i] = 0
@@ -740,7 +741,8 @@ def _forward_kernel(cell: str, dtype):
     products = _products_fn(G)
 
     @cuda.jit
-    def kernel(xp, w_hh, b_hh, h0, c0, hmask, use_mask, U, KS, KT, s0, s1, hT, hs, act, cs, hn):
+    def kernel(xp, w_hh, b_hh, h0, c0, hmask, use_mask, U, KS, KT, SB, s0, s1, hT, hs, act, cs,
+               hn):
         """Steps s0..s1-1 of one layer; this block's units j0..j0+Uk-1. A thread: unit jj,
         its G gates (columns jj + q*U of the block's W), rows bq + r*BR. hT (2,H,B): step t
         reads (h_{t-1} * mask).T from hT[(t+1) % 2] (the launcher fills hT[1] from h0) and
@@ -754,7 +756,6 @@ def _forward_kernel(cell: str, dtype):
         bq = tid % BR
         jj = (tid // BR) % U
         ks = tid // (BR * U)
-        SB = B + (BR - B) % 32  # tile row stride: the KS rows read at once hit other banks
         sm = cuda.shared.array(0, smem_type)  # [0, H*G*U): W_hh rows of our units, (H, G*U)
         for idx in range(tid, H * GU, nt):
             kk = idx // GU
@@ -832,8 +833,8 @@ def _backward_kernel(cell: str, dtype, C: int):
     products = _products_fn(C)
 
     @cuda.jit
-    def kernel(w_hh, hmask, use_mask, h0, c0, hs, act, cs, hn, dhs, U, KS, KT, s0, s1, dT, dxp,
-               dhp, dc, direct, dh0):
+    def kernel(w_hh, hmask, use_mask, h0, c0, hs, act, cs, hn, dhs, U, KS, KT, SB, s0, s1, dT,
+               dxp, dhp, dc, direct, dh0):
         """Reverse steps s0..s1-1 (t = T-1-s; s = T computes dh0 only); our units only. A
         thread: units g*C .. g*C+C-1 of the block, rows bq + r*BR. dc (LSTM) and direct
         (GRU, z * dh) carry each unit's own state between steps. dT (2,G*H,B): step t
@@ -849,7 +850,6 @@ def _backward_kernel(cell: str, dtype, C: int):
         bq = tid % BR
         grp = (tid // BR) % (NC // C)
         ks = tid // (BR * (NC // C))
-        SB = B + (BR - B) % 32
         sm = cuda.shared.array(0, smem_type)  # [0, G*H*NC): W_hh columns of our units
         for idx in range(tid, GH * NC, nt):
             r = idx // NC
@@ -932,12 +932,12 @@ def _backward_kernel(cell: str, dtype, C: int):
 
 def _layout(B: int, K: int, NC: int, C: int, groups: int, KS: int, itemsize: int,
             tile_rows: int = 0):
-    """(threads, KT, shared bytes) of a block whose W slice is (K, NC) and whose threads
+    """(threads, KT, SB, shared bytes) of a block whose W slice is (K, NC) and whose threads
     are BR row groups x `groups` column groups x KS k-splits; KT 0 when nothing fits. The
     region after W holds a state tile, then the partial sums of KS // 2 groups."""
     BR = -(-B // ROWS)
     nt = BR * groups * KS
-    SB = B + (BR - B) % 32
+    SB = B + (BR - B) % 32  # the KS rows a warp reads at once start in other banks
     sums = max(1, KS // 2) * ROWS * C * BR * groups
     room = SMEM_LIMIT // itemsize - K * NC
     # A tile's last row is read up to ROWS*BR past its start (rows b >= B are padding),
@@ -945,7 +945,7 @@ def _layout(B: int, K: int, NC: int, C: int, groups: int, KS: int, itemsize: int
     fit = min(room // SB, (room - ROWS * BR) // SB + 1) if room >= ROWS * BR else 0
     KT = max(0, min(K, PREFETCH * nt // B, fit, tile_rows or K))
     tile = max(KT * SB, (KT - 1) * SB + ROWS * BR)
-    return nt, KT, (K * NC + max(tile, sums)) * itemsize
+    return nt, KT, SB, (K * NC + max(tile, sums)) * itemsize
 
 
 def _sm_count() -> int:
@@ -977,10 +977,10 @@ def _plan(kernel_for, args, key, direction: str, G: int, B: int, H: int, itemsiz
             NC = groups * C
         ks_max = max(1, min(K, PERSISTENT_THREADS // (BR * groups)))
         for KS in [splits] if splits else range(ks_max, 0, -1):  # fewer: less memory
-            nt, KT, smem = _layout(B, K, NC, C, groups, KS, itemsize, tile_rows)
+            nt, KT, SB, smem = _layout(B, K, NC, C, groups, KS, itemsize, tile_rows)
             if (KT and nt <= PERSISTENT_THREADS and smem <= SMEM_LIMIT
                     and co_resident(U, -(-H // U), nt, smem)):
-                return Plan(U, -(-H // U), nt, KS, KT, smem)
+                return Plan(U, -(-H // U), nt, KS, KT, SB, smem)
         return None
 
     def co_resident(U, nb, nt, smem):
@@ -1058,17 +1058,17 @@ def persistent_layer_forward(cell, xp, w_hh, b_hh, h0, c0, hmask, hs, act, cs, h
     mask = d2 if hmask is None else _dev(hmask)
     hT = _pingpong("hT", H, B, hs.dtype)  # (2, H, B)
     args = [_dev(xp), _dev(w_hh), _dev(b_hh), _dev(h0), d2 if c0 is None else _dev(c0),
-            mask, 0 if hmask is None else 1, 1, 1, 1, 0, T, hT, _dev(hs),
+            mask, 0 if hmask is None else 1, 1, 1, 1, 1, 0, T, hT, _dev(hs),
             d3 if act is None else _dev(act), d3 if cs is None else _dev(cs),
             d3 if hn is None else _dev(hn)]
     key = ("forward", cell, np.dtype(hs.dtype).str, B, H)
     plan = _plan(lambda U: kernel, args, key, "forward", G, B, H, np.dtype(hs.dtype).itemsize,
                  units, splits, tile_rows, stepwise)
-    args[7:10] = plan.U, plan.KS, plan.KT
+    args[7:11] = plan.U, plan.KS, plan.KT, plan.SB
     _launch(_masked_transpose_kernel, B * H, h0, mask, args[6], hT[1])
     launch = kernel[plan.blocks, plan.threads, 0, plan.smem]
     for s0, s1 in ([(t, t + 1) for t in range(T)] if stepwise else [(0, T)]):
-        args[10], args[11] = s0, s1
+        args[11], args[12] = s0, s1
         launch(*args)
 
 
@@ -1084,7 +1084,7 @@ def persistent_layer_backward(cell, w_hh, hmask, h0, c0, hs, act, cs, hn, dhs, d
     d2, d3 = _dummy(hs, 2), _dummy(hs, 3)
     args = [_dev(w_hh), d2 if hmask is None else _dev(hmask), 0 if hmask is None else 1,
             _dev(h0), d2 if c0 is None else _dev(c0), _dev(hs), d3 if act is None else _dev(act),
-            d3 if cs is None else _dev(cs), d3 if hn is None else _dev(hn), _dev(dhs), 1, 1, 1,
+            d3 if cs is None else _dev(cs), d3 if hn is None else _dev(hn), _dev(dhs), 1, 1, 1, 1,
             0, T + 1, _pingpong("dT", G * H, B, hs.dtype), _dev(dxp),
             d3 if dhp is None else _dev(dhp), d2 if dc is None else _dev(dc),
             d2 if direct is None else _dev(direct), _dev(dh0)]
@@ -1095,8 +1095,8 @@ def persistent_layer_backward(cell, w_hh, hmask, h0, c0, hs, act, cs, hn, dhs, d
     plan = _plan(kernel_for, args, key, "backward", G, B, H, itemsize, units, splits, tile_rows,
                  stepwise)
     kernel = kernel_for(plan.U)
-    args[10:13] = plan.U, plan.KS, plan.KT
+    args[10:14] = plan.U, plan.KS, plan.KT, plan.SB
     launch = kernel[plan.blocks, plan.threads, 0, plan.smem]
     for s0, s1 in ([(s, s + 1) for s in range(T + 1)] if stepwise else [(0, T + 1)]):
-        args[13], args[14] = s0, s1
+        args[14], args[15] = s0, s1
         launch(*args)
