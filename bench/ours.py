@@ -11,10 +11,18 @@ Dimension letters: L=layers, H=hidden, E=embed, B=batch, T=time, V=vocab.
 
 from __future__ import annotations
 
+# isort: off
 import math
 from collections import Counter
 
+# charrnn first: its thread settings (OPENBLAS_THREAD_TIMEOUT, OMP_WAIT_POLICY) only take
+# effect if set before numpy loads OpenBLAS, as `charrnn train` does. Imported after numpy,
+# OpenBLAS's idle thread kept spinning beside numba's and the rows measured a setup no
+# user runs.
+import charrnn  # noqa: F401
 import numpy as np
+
+# isort: on
 
 from bench.workloads import (
     GRAD_CLIP,

@@ -135,8 +135,14 @@ class HostBackend:
         return act, cs, hn
 
     def _forward_steps(self, cell, xp, w_hh, b_hh, h0, c0, hmask, hs, act, cs, hn):
-        """Per step one GEMM for the recurrent product, one fused kernel for all gates."""
+        """The kernel module's window kernel when it has one (cpu: all T steps in one call);
+        else, and in the reference, per step one GEMM for the recurrent product and one fused
+        kernel for all gates. The window kernels are tested against this loop."""
         X, k = self.xp, self.k
+        window = getattr(k, f"{cell}_forward_window", None)
+        if window is not None:
+            window(xp, w_hh, b_hh, _c(X, h0), _c(X, c0), _c(X, hmask), act, cs, hn, hs)
+            return
         T, B, GH = xp.shape
         hp = X.empty((B, GH), xp.dtype)  # recurrent product, reused every step
         hin = X.empty_like(h0)  # masked h fed to W_hh
@@ -192,12 +198,18 @@ class HostBackend:
         return dxp, dw_hh, db_hh, dh0, dc
 
     def _backward_steps(self, cache: LayerCache, dhs, w_hh, dxp, dhp, dh_rec, dc):
-        """Per step the fused backward kernel, then one GEMM for dL/dh_{t-1}. Leaves
-        dL/dh0 in dh_rec and dL/dc0 in dc."""
+        """The kernel module's backward window kernel when it has one; else per step the
+        fused backward kernel, then one GEMM for dL/dh_{t-1}. Leaves dL/dh0 in dh_rec and
+        dL/dc0 in dc."""
         X, k = self.xp, self.k
         cell, hs = cache.cell, cache.hs
         T, B, H = hs.shape
         dhp = dxp if dhp is None else dhp
+        window = getattr(k, f"{cell}_backward_window", None)
+        if window is not None:
+            window(cache.act, cache.cs, cache.hn, hs, _c(X, cache.h0), _c(X, cache.c0), _c(X, cache.hmask),
+                   dhs, w_hh, dxp, dhp, dh_rec, dc)
+            return
         dh = X.empty((B, H), hs.dtype)
         dh_rec[...] = 0  # dL/dh_t arriving from step t+1
         direct = X.empty((B, H), hs.dtype) if cell == "gru" else None
@@ -216,6 +228,11 @@ class HostBackend:
                 dh_rec *= cache.hmask
             if direct is not None:
                 dh_rec += direct
+
+
+def _c(X, a):
+    """a C-contiguous (the window kernels address rows by shape), or None."""
+    return None if a is None else X.ascontiguousarray(a)
 
 
 def cuda_usable() -> bool:

@@ -1,6 +1,10 @@
 """The benchmark harness's own logic (bench/): repeat sizing, verdicts, the BENCHMARKS.md
 rewrite and the lever screen's option merging. Timing itself is never asserted here."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -216,3 +220,24 @@ def test_the_persistent_sweep_times_every_variant_and_flags_a_wrong_one(monkeypa
     monkeypatch.setattr(persistent_sweep, "run_variant", second_is_off)
     lines = persistent_sweep.sweep(*args, shape=shape, min_time=0)
     assert "DIFFERS" not in lines[2] and "**DIFFERS 1.0e-02**" in lines[3]
+
+
+def test_a_charrnn_worker_loads_charrnn_before_numpy():
+    """OpenBLAS reads its thread settings (charrnn sets OPENBLAS_THREAD_TIMEOUT) when numpy
+    loads it: a worker that imported numpy first measured OpenBLAS's idle thread spinning
+    beside numba's, which no `charrnn` command runs with."""
+    code = """
+import os, sys
+seen = []
+class Spy:  # notes the setting at the moment numpy starts to load
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy" and not seen:
+            seen.append(os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
+sys.meta_path.insert(0, Spy())
+import bench.worker
+from bench import ours
+print(seen)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "['4']"

@@ -391,12 +391,17 @@ def test_every_threaded_kernel_is_bit_identical_run_to_run():
 # ------------------------------------------------------------------ layer and model
 
 
+# Shapes for the window kernels' edges: panels of 16 units (H=17: one unit in the last
+# panel; H=48: three whole ones; H=5: a single partial one), rows in blocks of 6 (B=13:
+# two blocks and a single row; B=3: a short block only), and a one-step window.
+@pytest.mark.parametrize("T,B,H", [(6, 3, 17), (1, 13, 48), (4, 8, 5)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("with_hmask", [False, True])
-def test_layer_forward_backward_match_reference_backend(cell, with_hmask, dtype):
-    rng = np.random.default_rng(CELLS.index(cell) * 10 + with_hmask)
-    T, B, H = 6, 3, 17
+def test_layer_forward_backward_match_reference_backend(cell, with_hmask, dtype, T, B, H):
+    """The cpu backend runs a window's steps in one window kernel (cpu.*_window); the
+    reference backend steps through the reference kernels one GEMM at a time."""
+    rng = np.random.default_rng(CELLS.index(cell) * 10 + with_hmask + T)
     GH = GATES[cell] * H
     xp = _randn(rng, (T, B, GH), dtype)
     w_hh, b_hh = _randn(rng, (GH, H), dtype, 0.3), _randn(rng, (GH,), dtype)
@@ -415,6 +420,41 @@ def test_layer_forward_backward_match_reference_backend(cell, with_hmask, dtype)
             assert a is None
         else:
             _close(a, b, dtype, rtol=1e-4 if dtype == np.float32 else 1e-11)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_window_kernels_do_not_depend_on_the_thread_split(cell):
+    """Bit-exact resume: a window's results are the same bits whether its units are split
+    over 1, 2 or 3 threads (each product is one dot product in k order)."""
+    rng = np.random.default_rng(7)
+    T, B, H, dt = 5, 9, 40, np.float32
+    G = GATES[cell]
+    xp = _randn(rng, (T, B, G * H), dt)
+    w_hh, b_hh = _randn(rng, (G * H, H), dt, 0.3), _randn(rng, (G * H,), dt)
+    h0 = _randn(rng, (B, H), dt)
+    c0 = _randn(rng, (B, H), dt) if cell == "lstm" else None
+    hmask = ((rng.random((B, H)) > 0.25) / 0.75).astype(dt)
+    dhs = _randn(rng, (T, B, H), dt)
+    fwd = getattr(cpu, f"_{cell}_forward_window")
+    bwd = getattr(cpu, f"_{cell}_backward_window")
+
+    def run(threads):
+        act = np.empty((T, B, G * H), dt) if cell != "rnn" else None
+        cs = np.empty((T, B, H), dt) if cell == "lstm" else None
+        hn = np.empty((T, B, H), dt) if cell == "gru" else None
+        hs = np.empty((T, B, H), dt)
+        fwd(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs, threads)
+        dxp = np.empty((T, B, G * H), dt)
+        dhp = np.empty((T, B, G * H), dt) if cell == "gru" else dxp
+        dh0 = np.empty((B, H), dt)
+        dc = np.zeros((B, H), dt) if cell == "lstm" else None
+        bwd(act, cs, hn, hs, h0, c0, hmask, dhs, w_hh, dxp, dhp, dh0, dc, threads)
+        return [a for a in (act, cs, hn, hs, dxp, dhp, dh0, dc) if a is not None]
+
+    one = run(1)
+    for threads in (2, 3):
+        for a, b in zip(one, run(threads)):
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -1,4 +1,6 @@
-"""Numba twins of every kernel in `reference.py`: same names, argument order and meaning.
+"""Numba twins of every kernel in `reference.py`: same names, argument order and meaning;
+plus the window kernels (`*_forward_window`, `*_backward_window`), whose twin is
+HostBackend's per-step loop over the reference kernels.
 
 Every kernel is `@njit(cache=True)` without signatures, so numba specialises it for float32
 or float64 arrays and int32 or int64 ids on first use and caches the machine code on disk.
@@ -21,10 +23,13 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
+
+from charrnn.kernels.panels import NR, pack_cols, pack_rows, panel_product
 
 # Thread wait policies (OMP_WAIT_POLICY, OPENBLAS_THREAD_TIMEOUT) are set in charrnn/__init__.py,
 # before numpy or numba start their thread pools.
@@ -118,13 +123,17 @@ def _sigmoid_act_impl(x, one):
 
 # ---------------------------------------------------------------- recurrent steps
 #
-# Each step kernel runs one batch row at a time (`_*_row`), threaded over rows from
-# B*H = PAR_MIN. Two rules keep every loop vectorised (measured at B=64, H=128: a scalar
-# LSTM forward step costs ~14-28 ns per unit, a vectorised one ~4):
+# Each cell's arithmetic is one inline function over a unit range [u0, u1) of one batch row
+# (`_*_units`). The step kernels run it over all H units of each row, threaded over rows from
+# B*H = PAR_MIN; the window kernels below run it over each thread's units, right after that
+# thread's share of the recurrent product. Gate-width rows (xp, hp, act, dpre: G blocks) are
+# passed whole, with their block stride; unit-width rows (c, h, dh, ...) come sliced to the
+# range. Two rules keep every loop vectorised (measured at B=64, H=128: a scalar LSTM forward
+# step costs ~14-28 ns per unit, a vectorised one ~4):
 # - a loop touches at most five arrays: with more, LLVM needs more runtime alias checks
 #   than it will emit (8) and leaves the loop scalar; so the gate non-linearities are one
 #   pass per gate block and the cell update another;
-# - a loop indexes from 0: each gate block is its own slice (`_blk`), because an index
+# - a loop indexes from 0: each gate block is its own slice (`_gate`), because an index
 #   like 2*H + j with H known only at run time defeats the vectoriser (it cannot rule out
 #   a negative, wrapped-around index).
 # A row's gate-width output is built in a scratch row `s` and copied out last, so it may be
@@ -134,9 +143,9 @@ def _sigmoid_act_impl(x, one):
 
 
 @njit(cache=True, inline="always")
-def _blk(row, k, H):
-    """Gate block k (H,) of a (G*H,) row."""
-    return row[k * H : (k + 1) * H]
+def _gate(row, k, stride, u0, u1):
+    """Units [u0, u1) of gate block k of a row whose blocks are `stride` apart."""
+    return row[k * stride + u0 : k * stride + u1]
 
 
 @njit(cache=True, inline="always")
@@ -146,25 +155,34 @@ def _copy_row(src, dst):
 
 
 @njit(cache=True, inline="always")
-def _lstm_fwd_row(b, xp, hp, b_hh, c_prev, act, c, h, s):
-    H = c.shape[1]
-    one = c.dtype.type(1)
-    x, p = xp[b], hp[b]
+def _copy_out(s, G, a, H, u0, u1):
+    """The G gate blocks built in scratch s (G*n,) into row a's units [u0, u1)."""
+    n = u1 - u0
+    for k in range(G):
+        _copy_row(_gate(s, k, n, 0, n), _gate(a, k, H, u0, u1))
+
+
+@njit(cache=True, inline="always")
+def _lstm_fwd_units(x, p, ps, b_hh, cp, cr, hr, a, s, u0, u1):
+    """x (4H,) input projections; p (>= 3*ps + u1,) recurrent products, blocks ps apart;
+    cp (n,) c_{t-1} -> cr, hr (n,) c_t, h_t; a (4H,) activations [i,f,g,o] (may be x)."""
+    H = b_hh.shape[0] // 4
+    n = u1 - u0
+    one = cr.dtype.type(1)
     for k in range(4):
-        xk, pk, bk, sk = _blk(x, k, H), _blk(p, k, H), _blk(b_hh, k, H), _blk(s, k, H)
+        xk, pk, bk, sk = _gate(x, k, H, u0, u1), _gate(p, k, ps, u0, u1), _gate(b_hh, k, H, u0, u1), _gate(s, k, n, 0, n)
         if k == 2:  # g
-            for j in range(H):
+            for j in range(n):
                 sk[j] = _tanh_act(xk[j] + pk[j] + bk[j])
         else:  # i, f, o
-            for j in range(H):
+            for j in range(n):
                 sk[j] = _sigmoid_act(xk[j] + pk[j] + bk[j], one)
-    i, f, g, o = _blk(s, 0, H), _blk(s, 1, H), _blk(s, 2, H), _blk(s, 3, H)
-    cp, cr, hr = c_prev[b], c[b], h[b]
-    for j in range(H):
+    i, f, g, o = _gate(s, 0, n, 0, n), _gate(s, 1, n, 0, n), _gate(s, 2, n, 0, n), _gate(s, 3, n, 0, n)
+    for j in range(n):
         cc = f[j] * cp[j] + i[j] * g[j]
         cr[j] = cc
         hr[j] = o[j] * _tanh_act(cc)
-    _copy_row(s, act[b])
+    _copy_out(s, 4, a, H, u0, u1)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -175,32 +193,34 @@ def lstm_forward_step(xp, hp, b_hh, c_prev, act, c, h):
     if B * H < PAR_MIN:
         s = np.empty(act.shape[1], act.dtype)  # (4H,) scratch row
         for b in range(B):
-            _lstm_fwd_row(b, xp, hp, b_hh, c_prev, act, c, h, s)
+            _lstm_fwd_units(xp[b], hp[b], H, b_hh, c_prev[b], c[b], h[b], act[b], s, 0, H)
         return
     for b in prange(B):
-        _lstm_fwd_row(b, xp, hp, b_hh, c_prev, act, c, h, np.empty(act.shape[1], act.dtype))
+        _lstm_fwd_units(xp[b], hp[b], H, b_hh, c_prev[b], c[b], h[b], act[b], np.empty(act.shape[1], act.dtype), 0, H)
 
 
 @njit(cache=True, inline="always")
-def _lstm_bwd_row(b, act, c_prev, c, dh, dc, dpre, s):
-    H = c.shape[1]
-    one = c.dtype.type(1)
-    a = act[b]
-    i, f, g, o = _blk(a, 0, H), _blk(a, 1, H), _blk(a, 2, H), _blk(a, 3, H)
-    cr, dhr, dcr, do = c[b], dh[b], dc[b], _blk(s, 3, H)
-    for j in range(H):  # dL/dc_t in full, into dc; the o gate
+def _lstm_bwd_units(a, cp, cr, dhr, dcr, dp, s, u0, u1):
+    """a (4H,) activations; cp, cr (n,) c_{t-1}, c_t; dhr (n,) dL/dh_t in full; dcr (n,) in:
+    dL/dc_t from step t+1, out: dL/dc_{t-1}; dp (4H,) out: dL/d(pre-activation) (may be a)."""
+    H = a.shape[0] // 4
+    n = u1 - u0
+    one = cr.dtype.type(1)
+    i, f, g, o = _gate(a, 0, H, u0, u1), _gate(a, 1, H, u0, u1), _gate(a, 2, H, u0, u1), _gate(a, 3, H, u0, u1)
+    do = _gate(s, 3, n, 0, n)
+    for j in range(n):  # dL/dc_t in full, into dc; the o gate
         tc = _tanh_act(cr[j])
         dhv = dhr[j]
         dcr[j] = dcr[j] + dhv * o[j] * (one - tc * tc)
         do[j] = dhv * tc * o[j] * (one - o[j])
-    cp, di, df, dg = c_prev[b], _blk(s, 0, H), _blk(s, 1, H), _blk(s, 2, H)
-    for j in range(H):  # i, f, g, then dL/dc_{t-1}
+    di, df, dg = _gate(s, 0, n, 0, n), _gate(s, 1, n, 0, n), _gate(s, 2, n, 0, n)
+    for j in range(n):  # i, f, g, then dL/dc_{t-1}
         dct = dcr[j]
         di[j] = dct * g[j] * i[j] * (one - i[j])
         df[j] = dct * cp[j] * f[j] * (one - f[j])
         dg[j] = dct * i[j] * (one - g[j] * g[j])
         dcr[j] = dct * f[j]
-    _copy_row(s, dpre[b])
+    _copy_out(s, 4, dp, H, u0, u1)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -212,34 +232,35 @@ def lstm_backward_step(act, c_prev, c, dh, dc, dpre):
     if B * H < PAR_MIN:
         s = np.empty(dpre.shape[1], dpre.dtype)  # (4H,) scratch row
         for b in range(B):
-            _lstm_bwd_row(b, act, c_prev, c, dh, dc, dpre, s)
+            _lstm_bwd_units(act[b], c_prev[b], c[b], dh[b], dc[b], dpre[b], s, 0, H)
         return
     for b in prange(B):
-        _lstm_bwd_row(b, act, c_prev, c, dh, dc, dpre, np.empty(dpre.shape[1], dpre.dtype))
+        _lstm_bwd_units(act[b], c_prev[b], c[b], dh[b], dc[b], dpre[b], np.empty(dpre.shape[1], dpre.dtype), 0, H)
 
 
 # ---------------------------------------------------------------- GRU
 
 
 @njit(cache=True, inline="always")
-def _gru_fwd_row(b, xp, hp, b_hh, h_prev, act, hn, h, s):
-    H = h.shape[1]
-    one = h.dtype.type(1)
-    x, p = xp[b], hp[b]
+def _gru_fwd_units(x, p, ps, b_hh, hpr, a, hnr, hr, s, u0, u1):
+    """x (3H,); p recurrent products, blocks ps apart; hpr (n,) h_{t-1} -> a (3H,) = [r,z,n]
+    (may be x), hnr (n,) = W_hn h + b_hn, hr (n,) h_t."""
+    H = b_hh.shape[0] // 3
+    n = u1 - u0
+    one = hr.dtype.type(1)
     for k in range(2):  # r, z
-        xk, pk, bk, sk = _blk(x, k, H), _blk(p, k, H), _blk(b_hh, k, H), _blk(s, k, H)
-        for j in range(H):
+        xk, pk, bk, sk = _gate(x, k, H, u0, u1), _gate(p, k, ps, u0, u1), _gate(b_hh, k, H, u0, u1), _gate(s, k, n, 0, n)
+        for j in range(n):
             sk[j] = _sigmoid_act(xk[j] + (pk[j] + bk[j]), one)
-    hnr, pn, bn = hn[b], _blk(p, 2, H), _blk(b_hh, 2, H)
-    for j in range(H):
+    pn, bn = _gate(p, 2, ps, u0, u1), _gate(b_hh, 2, H, u0, u1)
+    for j in range(n):
         hnr[j] = pn[j] + bn[j]
-    r, z, n, xn = _blk(s, 0, H), _blk(s, 1, H), _blk(s, 2, H), _blk(x, 2, H)
-    for j in range(H):
-        n[j] = _tanh_act(xn[j] + r[j] * hnr[j])
-    hp_, hr = h_prev[b], h[b]
-    for j in range(H):
-        hr[j] = (one - z[j]) * n[j] + z[j] * hp_[j]
-    _copy_row(s, act[b])
+    r, z, nn, xn = _gate(s, 0, n, 0, n), _gate(s, 1, n, 0, n), _gate(s, 2, n, 0, n), _gate(x, 2, H, u0, u1)
+    for j in range(n):
+        nn[j] = _tanh_act(xn[j] + r[j] * hnr[j])
+    for j in range(n):
+        hr[j] = (one - z[j]) * nn[j] + z[j] * hpr[j]
+    _copy_out(s, 3, a, H, u0, u1)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -250,36 +271,35 @@ def gru_forward_step(xp, hp, b_hh, h_prev, act, hn, h):
     if B * H < PAR_MIN:
         s = np.empty(act.shape[1], act.dtype)  # (3H,) scratch row
         for b in range(B):
-            _gru_fwd_row(b, xp, hp, b_hh, h_prev, act, hn, h, s)
+            _gru_fwd_units(xp[b], hp[b], H, b_hh, h_prev[b], act[b], hn[b], h[b], s, 0, H)
         return
     for b in prange(B):
-        _gru_fwd_row(b, xp, hp, b_hh, h_prev, act, hn, h, np.empty(act.shape[1], act.dtype))
+        _gru_fwd_units(xp[b], hp[b], H, b_hh, h_prev[b], act[b], hn[b], h[b], np.empty(act.shape[1], act.dtype), 0, H)
 
 
 @njit(cache=True, inline="always")
-def _gru_bwd_row(b, act, hn, h_prev, dh, dxp, dhp, dh_prev, s):
-    H = dh.shape[1]
-    one = dh.dtype.type(1)
-    a, dp = act[b], dhp[b]
-    r, z, n = _blk(a, 0, H), _blk(a, 1, H), _blk(a, 2, H)
-    hnr, hp_, dhr = hn[b], h_prev[b], dh[b]
-    dr, dz, dn = _blk(s, 0, H), _blk(s, 1, H), _blk(s, 2, H)
-    for j in range(H):
+def _gru_bwd_units(a, hnr, hpr, dhr, dx, dp, dhpr, s, u0, u1):
+    """a (3H,) activations; hnr, hpr, dhr (n,) hn, h_{t-1}, dL/dh_t -> dx (3H,) dL/dxp (may be
+    a), dp (3H,) dL/dhp, dhpr (n,) the direct path z * dh to h_{t-1}."""
+    H = a.shape[0] // 3
+    n = u1 - u0
+    one = dhr.dtype.type(1)
+    r, z, nn = _gate(a, 0, H, u0, u1), _gate(a, 1, H, u0, u1), _gate(a, 2, H, u0, u1)
+    dr, dz, dn = _gate(s, 0, n, 0, n), _gate(s, 1, n, 0, n), _gate(s, 2, n, 0, n)
+    for j in range(n):
         dhv = dhr[j]
-        dnv = dhv * (one - z[j]) * (one - n[j] * n[j])
+        dnv = dhv * (one - z[j]) * (one - nn[j] * nn[j])
         dn[j] = dnv
         dr[j] = dnv * hnr[j] * r[j] * (one - r[j])
-    for j in range(H):
-        dz[j] = dhr[j] * (hp_[j] - n[j]) * z[j] * (one - z[j])
-    for j in range(2 * H):  # r, z: dL/dhp = dL/dxp
-        dp[j] = s[j]
-    dpn = _blk(dp, 2, H)
-    for j in range(H):  # n: hp's n block enters scaled by r
+    for j in range(n):
+        dz[j] = dhr[j] * (hpr[j] - nn[j]) * z[j] * (one - z[j])
+    _copy_out(s, 2, dp, H, u0, u1)  # r, z: dL/dhp = dL/dxp
+    dpn = _gate(dp, 2, H, u0, u1)
+    for j in range(n):  # n: hp's n block enters scaled by r
         dpn[j] = dn[j] * r[j]
-    dhpr = dh_prev[b]
-    for j in range(H):
+    for j in range(n):
         dhpr[j] = dhr[j] * z[j]
-    _copy_row(s, dxp[b])
+    _copy_out(s, 3, dx, H, u0, u1)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -291,20 +311,22 @@ def gru_backward_step(act, hn, h_prev, dh, dxp, dhp, dh_prev):
     if B * H < PAR_MIN:
         s = np.empty(dxp.shape[1], dxp.dtype)  # (3H,) scratch row
         for b in range(B):
-            _gru_bwd_row(b, act, hn, h_prev, dh, dxp, dhp, dh_prev, s)
+            _gru_bwd_units(act[b], hn[b], h_prev[b], dh[b], dxp[b], dhp[b], dh_prev[b], s, 0, H)
         return
     for b in prange(B):
-        _gru_bwd_row(b, act, hn, h_prev, dh, dxp, dhp, dh_prev, np.empty(dxp.shape[1], dxp.dtype))
+        _gru_bwd_units(act[b], hn[b], h_prev[b], dh[b], dxp[b], dhp[b], dh_prev[b],
+                       np.empty(dxp.shape[1], dxp.dtype), 0, H)
 
 
 # ---------------------------------------------------------------- vanilla RNN (tanh)
 
 
 @njit(cache=True, inline="always")
-def _rnn_fwd_row(b, xp, hp, b_hh, h):
-    x, p, hr = xp[b], hp[b], h[b]
-    for j in range(h.shape[1]):
-        hr[j] = _tanh_act(x[j] + p[j] + b_hh[j])
+def _rnn_fwd_units(x, p, b_hh, hr, u0, u1):
+    """x, p, b_hh (H,) whole; hr (n,) -> tanh(x + p + b_hh) over units [u0, u1)."""
+    xk, pk, bk = x[u0:u1], p[u0:u1], b_hh[u0:u1]
+    for j in range(u1 - u0):
+        hr[j] = _tanh_act(xk[j] + pk[j] + bk[j])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -313,17 +335,16 @@ def rnn_forward_step(xp, hp, b_hh, h):
     B, H = h.shape
     if B * H < PAR_MIN:
         for b in range(B):
-            _rnn_fwd_row(b, xp, hp, b_hh, h)
+            _rnn_fwd_units(xp[b], hp[b], b_hh, h[b], 0, H)
         return
     for b in prange(B):
-        _rnn_fwd_row(b, xp, hp, b_hh, h)
+        _rnn_fwd_units(xp[b], hp[b], b_hh, h[b], 0, H)
 
 
 @njit(cache=True, inline="always")
-def _rnn_bwd_row(b, h, dh, dpre):
-    one = h.dtype.type(1)
-    hr, dhr, d = h[b], dh[b], dpre[b]
-    for j in range(h.shape[1]):
+def _rnn_bwd_units(hr, dhr, d):
+    one = hr.dtype.type(1)
+    for j in range(d.shape[0]):
         d[j] = dhr[j] * (one - hr[j] * hr[j])
 
 
@@ -333,10 +354,249 @@ def rnn_backward_step(h, dh, dpre):
     B, H = h.shape
     if B * H < CHEAP_PAR_MIN:  # no transcendental here: arithmetic only
         for b in range(B):
-            _rnn_bwd_row(b, h, dh, dpre)
+            _rnn_bwd_units(h[b], dh[b], dpre[b])
         return
     for b in prange(B):
-        _rnn_bwd_row(b, h, dh, dpre)
+        _rnn_bwd_units(h[b], dh[b], dpre[b])
+
+
+# ---------------------------------------------------------------- recurrent windows
+#
+# A window's T steps of one layer in one call. Per step one parallel region: the H units
+# are split into `parts` contiguous ranges of NR-unit panels; a thread computes the
+# recurrent product for its units only (every gate of them, against W_hh packed once per
+# window, panels.py) and runs the cell over those units at once. The region's end is the
+# step's barrier: step t+1 needs all of h_t. Against the per-step loop (an OpenBLAS call,
+# which repacks W_hh and splits itself over threads, then a serial cell kernel), this packs
+# once, threads the cell work too, and makes one parallel launch a step instead of two.
+# Results do not depend on `parts`: each product is one dot product in k order, and each
+# unit's cell arithmetic is the step kernels' own.
+#
+# One signature for every cell (arguments a cell does not use are None):
+#   *_forward_window(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs)
+#   *_backward_window(act, cs, hn, hs, h0, c0, hmask, dhs, w_hh, dxp, dhp, dh0, dc)
+# with the meanings of HostBackend._forward_steps and _backward_steps, whose per-step loop
+# over the reference kernels is their twin. All arrays C-contiguous.
+
+
+@njit(cache=True, inline="always")
+def _units(part, parts, Q, H):
+    """The panels [q0, q1) and units [u0, u1) of one part."""
+    q0, q1 = part * Q // parts, (part + 1) * Q // parts
+    return q0, q1, q0 * NR, min(q1 * NR, H)
+
+
+@njit(cache=True, inline="always")
+def _products(src, P, out, q0, q1):
+    """out[:, j*Q*NR + NR*q : +NR] = src @ panel (q, j) for q in [q0, q1), every gate j."""
+    HP = P.shape[0] * NR
+    for q in range(q0, q1):
+        for j in range(P.shape[1]):
+            panel_product(src, P, q, j, out, j * HP + q * NR)
+
+
+@njit(cache=True, inline="always")
+def _parts(Q, threads):
+    return max(1, min(threads, Q))
+
+
+def _with_threads(kernel):
+    """The public window kernel: `kernel` with numba's thread count as its last argument
+    (read here, in Python: numba.get_num_threads() inside a kernel stops it being cached)."""
+
+    def window(*args):
+        kernel(*args, numba.get_num_threads())
+
+    window.__name__ = window.__qualname__ = kernel.__name__.lstrip("_")
+    window.__doc__ = kernel.__doc__
+    return window
+
+
+@njit(cache=True, inline="always")
+def _masked_units(h, hmask, out, u0, u1):
+    """out[:, u0:u1] = h * hmask there (the next step's input to W_hh)."""
+    for b in range(h.shape[0]):
+        hb, mb, ob = h[b, u0:u1], hmask[b, u0:u1], out[b, u0:u1]
+        for j in range(u1 - u0):
+            ob[j] = hb[j] * mb[j]
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _lstm_forward_window(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs, threads):
+    T, B = xp.shape[0], xp.shape[1]
+    H = hs.shape[2]
+    P = pack_rows(w_hh, 4)
+    Q = P.shape[0]
+    hp = np.empty((B, 4 * Q * NR), xp.dtype)  # recurrent products, gate blocks Q*NR apart
+    hin = np.empty((2, B, H), xp.dtype)  # masked inputs to W_hh, ping-pong
+    if hmask is not None:
+        _masked_units(h0, hmask, hin[0], 0, H)
+    parts = _parts(Q, threads)
+    for t in range(T):
+        c_prev = c0 if t == 0 else cs[t - 1]
+        src = (h0 if t == 0 else hs[t - 1]) if hmask is None else hin[t % 2]
+        for part in prange(parts):
+            q0, q1, u0, u1 = _units(part, parts, Q, H)
+            _products(src, P, hp, q0, q1)
+            s = np.empty(4 * (u1 - u0), xp.dtype)
+            for b in range(B):
+                _lstm_fwd_units(xp[t, b], hp[b], Q * NR, b_hh, c_prev[b, u0:u1], cs[t, b, u0:u1],
+                                hs[t, b, u0:u1], act[t, b], s, u0, u1)
+            if hmask is not None:
+                _masked_units(hs[t], hmask, hin[(t + 1) % 2], u0, u1)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _gru_forward_window(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs, threads):
+    T, B = xp.shape[0], xp.shape[1]
+    H = hs.shape[2]
+    P = pack_rows(w_hh, 3)
+    Q = P.shape[0]
+    hp = np.empty((B, 3 * Q * NR), xp.dtype)
+    hin = np.empty((2, B, H), xp.dtype)
+    if hmask is not None:
+        _masked_units(h0, hmask, hin[0], 0, H)
+    parts = _parts(Q, threads)
+    for t in range(T):
+        h_prev = h0 if t == 0 else hs[t - 1]
+        src = h_prev if hmask is None else hin[t % 2]
+        for part in prange(parts):
+            q0, q1, u0, u1 = _units(part, parts, Q, H)
+            _products(src, P, hp, q0, q1)
+            s = np.empty(3 * (u1 - u0), xp.dtype)
+            for b in range(B):
+                _gru_fwd_units(xp[t, b], hp[b], Q * NR, b_hh, h_prev[b, u0:u1], act[t, b],
+                               hn[t, b, u0:u1], hs[t, b, u0:u1], s, u0, u1)
+            if hmask is not None:
+                _masked_units(hs[t], hmask, hin[(t + 1) % 2], u0, u1)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _rnn_forward_window(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs, threads):
+    T, B, H = xp.shape
+    P = pack_rows(w_hh, 1)
+    Q = P.shape[0]
+    hp = np.empty((B, Q * NR), xp.dtype)
+    hin = np.empty((2, B, H), xp.dtype)
+    if hmask is not None:
+        _masked_units(h0, hmask, hin[0], 0, H)
+    parts = _parts(Q, threads)
+    for t in range(T):
+        src = (h0 if t == 0 else hs[t - 1]) if hmask is None else hin[t % 2]
+        for part in prange(parts):
+            q0, q1, u0, u1 = _units(part, parts, Q, H)
+            _products(src, P, hp, q0, q1)
+            for b in range(B):
+                _rnn_fwd_units(xp[t, b], hp[b], b_hh, hs[t, b, u0:u1], u0, u1)
+            if hmask is not None:
+                _masked_units(hs[t], hmask, hin[(t + 1) % 2], u0, u1)
+
+
+@njit(cache=True, inline="always")
+def _recurrent_grad(dsrc, P, rec, hmask, direct, q0, q1, u0, u1):
+    """rec[:, u0:u1] = (dsrc @ W_hh)[:, u0:u1] * hmask (+ direct: GRU's z * dh path)."""
+    _products(dsrc, P, rec, q0, q1)
+    for b in range(rec.shape[0]):
+        rb = rec[b, u0:u1]
+        if hmask is not None:
+            mb = hmask[b, u0:u1]
+            for j in range(u1 - u0):
+                rb[j] *= mb[j]
+        if direct is not None:
+            db = direct[b, u0:u1]
+            for j in range(u1 - u0):
+                rb[j] += db[j]
+
+
+@njit(cache=True, inline="always")
+def _rows_out(rec, dh0, u0, u1):
+    """dh0[:, u0:u1] = rec's (dL/dh0 after the window's last product)."""
+    for b in range(dh0.shape[0]):
+        _copy_row(rec[b, u0:u1], dh0[b, u0:u1])
+
+
+@njit(cache=True, inline="always")
+def _dh_in_full(dhs_tb, rec_b, d):
+    """d (n,) = dL/dh_t from above + from step t+1."""
+    for j in range(d.shape[0]):
+        d[j] = dhs_tb[j] + rec_b[j]
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _lstm_backward_window(act, cs, hn, hs, h0, c0, hmask, dhs, w_hh, dxp, dhp, dh0, dc, threads):
+    T, B, H = dhs.shape
+    P = pack_cols(w_hh)
+    Q = P.shape[0]
+    rec = np.zeros((B, Q * NR), dhs.dtype)  # dL/dh_t arriving from step t+1
+    parts = _parts(Q, threads)
+    for t in range(T - 1, -2, -1):  # t = -1: only dL/dh0
+        for part in prange(parts):
+            q0, q1, u0, u1 = _units(part, parts, Q, H)
+            if t < T - 1:
+                _recurrent_grad(dxp[t + 1], P, rec, hmask, None, q0, q1, u0, u1)
+            if t < 0:
+                _rows_out(rec, dh0, u0, u1)
+            else:
+                s = np.empty(4 * (u1 - u0), dhs.dtype)
+                d = np.empty(u1 - u0, dhs.dtype)
+                for b in range(B):
+                    _dh_in_full(dhs[t, b, u0:u1], rec[b, u0:u1], d)
+                    cp = c0[b, u0:u1] if t == 0 else cs[t - 1, b, u0:u1]
+                    _lstm_bwd_units(act[t, b], cp, cs[t, b, u0:u1], d, dc[b, u0:u1], dxp[t, b], s, u0, u1)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _gru_backward_window(act, cs, hn, hs, h0, c0, hmask, dhs, w_hh, dxp, dhp, dh0, dc, threads):
+    T, B, H = dhs.shape
+    P = pack_cols(w_hh)
+    Q = P.shape[0]
+    rec = np.zeros((B, Q * NR), dhs.dtype)
+    direct = np.empty((B, H), dhs.dtype)  # z * dh of step t+1: its path to h_t past W_hh
+    parts = _parts(Q, threads)
+    for t in range(T - 1, -2, -1):
+        for part in prange(parts):
+            q0, q1, u0, u1 = _units(part, parts, Q, H)
+            if t < T - 1:
+                _recurrent_grad(dhp[t + 1], P, rec, hmask, direct, q0, q1, u0, u1)
+            if t < 0:
+                _rows_out(rec, dh0, u0, u1)
+            else:
+                s = np.empty(3 * (u1 - u0), dhs.dtype)
+                d = np.empty(u1 - u0, dhs.dtype)
+                for b in range(B):
+                    _dh_in_full(dhs[t, b, u0:u1], rec[b, u0:u1], d)
+                    hp_ = h0[b, u0:u1] if t == 0 else hs[t - 1, b, u0:u1]
+                    _gru_bwd_units(act[t, b], hn[t, b, u0:u1], hp_, d, dxp[t, b], dhp[t, b],
+                                   direct[b, u0:u1], s, u0, u1)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _rnn_backward_window(act, cs, hn, hs, h0, c0, hmask, dhs, w_hh, dxp, dhp, dh0, dc, threads):
+    T, B, H = dhs.shape
+    P = pack_cols(w_hh)
+    Q = P.shape[0]
+    rec = np.zeros((B, Q * NR), dhs.dtype)
+    parts = _parts(Q, threads)
+    for t in range(T - 1, -2, -1):
+        for part in prange(parts):
+            q0, q1, u0, u1 = _units(part, parts, Q, H)
+            if t < T - 1:
+                _recurrent_grad(dxp[t + 1], P, rec, hmask, None, q0, q1, u0, u1)
+            if t < 0:
+                _rows_out(rec, dh0, u0, u1)
+            else:
+                d = np.empty(u1 - u0, dhs.dtype)
+                for b in range(B):
+                    _dh_in_full(dhs[t, b, u0:u1], rec[b, u0:u1], d)
+                    _rnn_bwd_units(hs[t, b, u0:u1], d, dxp[t, b, u0:u1])
+
+
+lstm_forward_window = _with_threads(_lstm_forward_window)
+lstm_backward_window = _with_threads(_lstm_backward_window)
+gru_forward_window = _with_threads(_gru_forward_window)
+gru_backward_window = _with_threads(_gru_backward_window)
+rnn_forward_window = _with_threads(_rnn_forward_window)
+rnn_backward_window = _with_threads(_rnn_backward_window)
 
 
 # ---------------------------------------------------------------- embedding table
