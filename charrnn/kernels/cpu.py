@@ -372,7 +372,8 @@ def rnn_backward_step(h, dh, dpre):
 # Results do not depend on `parts`: each product is one dot product in k order, and each
 # unit's cell arithmetic is the step kernels' own.
 #
-# One signature for every cell (arguments a cell does not use are None):
+# One signature for every cell (arguments a cell does not use are None; no mask is a (0, 0)
+# array in the private kernels, None in the public ones):
 #   *_forward_window(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs)
 #   *_backward_window(act, cs, hn, hs, h0, c0, hmask, dhs, w_hh, dxp, dhp, dh0, dc)
 # with the meanings of HostBackend._forward_steps and _backward_steps, whose per-step loop
@@ -400,11 +401,16 @@ def _parts(Q, threads):
     return max(1, min(threads, Q))
 
 
-def _with_threads(kernel):
+def _window(kernel, mask_at: int, w_at: int):
     """The public window kernel: `kernel` with numba's thread count as its last argument
-    (read here, in Python: numba.get_num_threads() inside a kernel stops it being cached)."""
+    (read here, in Python: numba.get_num_threads() inside a kernel stops it being cached),
+    and no recurrent dropout mask given as a (0, 0) array, not None: one compiled variant
+    serves both (a None would be a type of its own; each variant is ~10 s of compiling)."""
 
     def window(*args):
+        if args[mask_at] is None:
+            args = list(args)
+            args[mask_at] = np.empty((0, 0), args[w_at].dtype)
         kernel(*args, numba.get_num_threads())
 
     window.__name__ = window.__qualname__ = kernel.__name__.lstrip("_")
@@ -429,12 +435,13 @@ def _lstm_forward_window(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs, threads
     Q = P.shape[0]
     hp = np.empty((B, 4 * Q * NR), xp.dtype)  # recurrent products, gate blocks Q*NR apart
     hin = np.empty((2, B, H), xp.dtype)  # masked inputs to W_hh, ping-pong
-    if hmask is not None:
+    masked = hmask.shape[0] > 0
+    if masked:
         _masked_units(h0, hmask, hin[0], 0, H)
     parts = _parts(Q, threads)
     for t in range(T):
         c_prev = c0 if t == 0 else cs[t - 1]
-        src = (h0 if t == 0 else hs[t - 1]) if hmask is None else hin[t % 2]
+        src = hin[t % 2] if masked else (h0 if t == 0 else hs[t - 1])
         for part in prange(parts):
             q0, q1, u0, u1 = _units(part, parts, Q, H)
             _products(src, P, hp, q0, q1)
@@ -442,7 +449,7 @@ def _lstm_forward_window(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs, threads
             for b in range(B):
                 _lstm_fwd_units(xp[t, b], hp[b], Q * NR, b_hh, c_prev[b, u0:u1], cs[t, b, u0:u1],
                                 hs[t, b, u0:u1], act[t, b], s, u0, u1)
-            if hmask is not None:
+            if masked:
                 _masked_units(hs[t], hmask, hin[(t + 1) % 2], u0, u1)
 
 
@@ -454,12 +461,13 @@ def _gru_forward_window(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs, threads)
     Q = P.shape[0]
     hp = np.empty((B, 3 * Q * NR), xp.dtype)
     hin = np.empty((2, B, H), xp.dtype)
-    if hmask is not None:
+    masked = hmask.shape[0] > 0
+    if masked:
         _masked_units(h0, hmask, hin[0], 0, H)
     parts = _parts(Q, threads)
     for t in range(T):
         h_prev = h0 if t == 0 else hs[t - 1]
-        src = h_prev if hmask is None else hin[t % 2]
+        src = hin[t % 2] if masked else h_prev
         for part in prange(parts):
             q0, q1, u0, u1 = _units(part, parts, Q, H)
             _products(src, P, hp, q0, q1)
@@ -467,7 +475,7 @@ def _gru_forward_window(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs, threads)
             for b in range(B):
                 _gru_fwd_units(xp[t, b], hp[b], Q * NR, b_hh, h_prev[b, u0:u1], act[t, b],
                                hn[t, b, u0:u1], hs[t, b, u0:u1], s, u0, u1)
-            if hmask is not None:
+            if masked:
                 _masked_units(hs[t], hmask, hin[(t + 1) % 2], u0, u1)
 
 
@@ -478,27 +486,29 @@ def _rnn_forward_window(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs, threads)
     Q = P.shape[0]
     hp = np.empty((B, Q * NR), xp.dtype)
     hin = np.empty((2, B, H), xp.dtype)
-    if hmask is not None:
+    masked = hmask.shape[0] > 0
+    if masked:
         _masked_units(h0, hmask, hin[0], 0, H)
     parts = _parts(Q, threads)
     for t in range(T):
-        src = (h0 if t == 0 else hs[t - 1]) if hmask is None else hin[t % 2]
+        src = hin[t % 2] if masked else (h0 if t == 0 else hs[t - 1])
         for part in prange(parts):
             q0, q1, u0, u1 = _units(part, parts, Q, H)
             _products(src, P, hp, q0, q1)
             for b in range(B):
                 _rnn_fwd_units(xp[t, b], hp[b], b_hh, hs[t, b, u0:u1], u0, u1)
-            if hmask is not None:
+            if masked:
                 _masked_units(hs[t], hmask, hin[(t + 1) % 2], u0, u1)
 
 
 @njit(cache=True, inline="always")
 def _recurrent_grad(dsrc, P, rec, hmask, direct, q0, q1, u0, u1):
-    """rec[:, u0:u1] = (dsrc @ W_hh)[:, u0:u1] * hmask (+ direct: GRU's z * dh path)."""
+    """rec[:, u0:u1] = (dsrc @ W_hh)[:, u0:u1] * hmask (if it has rows) (+ direct: GRU's
+    z * dh path)."""
     _products(dsrc, P, rec, q0, q1)
     for b in range(rec.shape[0]):
         rb = rec[b, u0:u1]
-        if hmask is not None:
+        if hmask.shape[0] > 0:
             mb = hmask[b, u0:u1]
             for j in range(u1 - u0):
                 rb[j] *= mb[j]
@@ -591,12 +601,12 @@ def _rnn_backward_window(act, cs, hn, hs, h0, c0, hmask, dhs, w_hh, dxp, dhp, dh
                     _rnn_bwd_units(hs[t, b, u0:u1], d, dxp[t, b, u0:u1])
 
 
-lstm_forward_window = _with_threads(_lstm_forward_window)
-lstm_backward_window = _with_threads(_lstm_backward_window)
-gru_forward_window = _with_threads(_gru_forward_window)
-gru_backward_window = _with_threads(_gru_backward_window)
-rnn_forward_window = _with_threads(_rnn_forward_window)
-rnn_backward_window = _with_threads(_rnn_backward_window)
+lstm_forward_window = _window(_lstm_forward_window, 5, 1)
+lstm_backward_window = _window(_lstm_backward_window, 6, 8)
+gru_forward_window = _window(_gru_forward_window, 5, 1)
+gru_backward_window = _window(_gru_backward_window, 6, 8)
+rnn_forward_window = _window(_rnn_forward_window, 5, 1)
+rnn_backward_window = _window(_rnn_backward_window, 6, 8)
 
 
 # ---------------------------------------------------------------- embedding table
