@@ -38,9 +38,11 @@ from charrnn.kernels.panels import NR, pack_cols, pack_rows, panel_product
 # costs ~10 us there); each path gives the same bits, so they only trade speed.
 #
 # Step kernels (~4 ns per LSTM unit forward, ~2 backward, vectorised) thread over batch rows
-# from PAR_MIN = B*H. Inside the training loop, between OpenBLAS GEMMs, threads lose at the
-# sizes we train: a 3x512, B=64 LSTM trains at 3,570 chars/s serial vs 3,270 with B=64,H=512
-# threaded (a parallel launch wakes the pool, ~10-30 us, and fights OpenBLAS's threads).
+# from PAR_MIN = B*H. They ran the training loop between per-step OpenBLAS GEMMs, where
+# threads lost at the sizes we train (3x512, B=64: 3,570 chars/s serial vs 3,270 threaded);
+# training now runs the window kernels below, which thread every step over units, and the
+# step kernels remain the step-level twins of reference.py's (a module without window
+# kernels is stepped through them by HostBackend).
 PAR_MIN = 1 << 16
 # Softmax rows (one exp per element, ~5 ns): threaded from N*V = ROW_PAR_MIN;
 # N=64,V=65: 20 us on one thread, 24 on two; N=256,V=65: 77 vs 51 us.
