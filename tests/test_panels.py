@@ -63,3 +63,18 @@ def test_products_refuse_arrays_that_are_not_c_contiguous():
     P = pack_rows(np.ones((16, 6), np.float32), 1)
     with pytest.raises(TypingError):
         _all_panels(A[:, ::2], P, np.empty((8, 16), np.float32))
+
+
+def test_products_refuse_shapes_that_disagree():
+    """A mismatch must raise, not read or write past an array (the micro-kernels use raw
+    addresses)."""
+    A = np.ones((8, 12), np.float32)
+    P = pack_rows(np.ones((16, 12), np.float32), 1)  # (1, 1, 12, 16)
+    with pytest.raises(ValueError):
+        panel_product(A[:, :10].copy(), P, 0, 0, np.empty((8, 16), np.float32), 0)  # K 10 vs 12
+    with pytest.raises(ValueError):
+        panel_product(A, P, 0, 0, np.empty((8, 20), np.float32), 8)  # columns 8..23 of 20
+    with pytest.raises(ValueError):
+        panel_product(A, P, 0, 0, np.empty((7, 16), np.float32), 0)  # 8 rows into 7
+    with pytest.raises(IndexError):
+        panel_product(A, P, 1, 0, np.empty((8, 16), np.float32), 0)

@@ -167,6 +167,11 @@ def panel_product(A, P, q, j, C, c0):
     compiled once per dtype instead of once per window kernel (its cost, ~10 ns, is lost in
     a panel's ~10 us)."""
     M = A.shape[0]
+    # The micro-kernels read and write by raw address: a shape mismatch would not raise.
+    if P.shape[2] != A.shape[1] or C.shape[0] < M or not (0 <= c0 <= C.shape[1] - NR):
+        raise ValueError("panel_product: A (M,K), P (Q,G,K,NR) and C (>=M, >=c0+NR) disagree")
+    if not (0 <= q < P.shape[0] and 0 <= j < P.shape[1]):
+        raise IndexError("panel_product: no such panel")
     i = 0
     while i + MR <= M:
         _micro_6(A, i, P, q, j, C, c0)
