@@ -429,21 +429,34 @@ def _masked_units(h, hmask, out, u0, u1):
             ob[j] = hb[j] * mb[j]
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def _lstm_forward_window(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs, threads):
-    T, B = xp.shape[0], xp.shape[1]
-    H = hs.shape[2]
-    P = pack_rows(w_hh, 4)
-    Q = P.shape[0]
-    hp = np.empty((B, 4 * Q * NR), xp.dtype)  # recurrent products, gate blocks Q*NR apart
-    hin = np.empty((2, B, H), xp.dtype)  # masked inputs to W_hh, ping-pong
+@njit(cache=True, inline="always")
+def _forward_setup(xp, w_hh, h0, hmask, gates, threads):
+    """W_hh's panels; the products' buffer hp (B, G*Q*NR), gate blocks Q*NR apart; the
+    masked inputs to W_hh (2,B,H), ping-pong, step 0's filled in; whether masked; parts."""
+    B, H = h0.shape
+    P = pack_rows(w_hh, gates)
+    hp = np.empty((B, gates * P.shape[0] * NR), xp.dtype)
+    hin = np.empty((2, B, H), xp.dtype)
     masked = hmask.shape[0] > 0
     if masked:
         _masked_units(h0, hmask, hin[0], 0, H)
-    parts = _parts(Q, threads)
+    return P, hp, hin, masked, _parts(P.shape[0], threads)
+
+
+@njit(cache=True, inline="always")
+def _forward_input(t, h0, hs, hin, masked):
+    """Step t's input to W_hh: h_{t-1}, masked if there is a mask."""
+    return hin[t % 2] if masked else (h0 if t == 0 else hs[t - 1])
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _lstm_forward_window(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs, threads):
+    T, B, H = hs.shape
+    P, hp, hin, masked, parts = _forward_setup(xp, w_hh, h0, hmask, 4, threads)
+    Q = P.shape[0]
     for t in range(T):
         c_prev = c0 if t == 0 else cs[t - 1]
-        src = hin[t % 2] if masked else (h0 if t == 0 else hs[t - 1])
+        src = _forward_input(t, h0, hs, hin, masked)
         for part in prange(parts):
             q0, q1, u0, u1 = _units(part, parts, Q, H)
             _products(src, P, hp, q0, q1)
@@ -457,19 +470,12 @@ def _lstm_forward_window(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs, threads
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def _gru_forward_window(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs, threads):
-    T, B = xp.shape[0], xp.shape[1]
-    H = hs.shape[2]
-    P = pack_rows(w_hh, 3)
+    T, B, H = hs.shape
+    P, hp, hin, masked, parts = _forward_setup(xp, w_hh, h0, hmask, 3, threads)
     Q = P.shape[0]
-    hp = np.empty((B, 3 * Q * NR), xp.dtype)
-    hin = np.empty((2, B, H), xp.dtype)
-    masked = hmask.shape[0] > 0
-    if masked:
-        _masked_units(h0, hmask, hin[0], 0, H)
-    parts = _parts(Q, threads)
     for t in range(T):
         h_prev = h0 if t == 0 else hs[t - 1]
-        src = hin[t % 2] if masked else h_prev
+        src = _forward_input(t, h0, hs, hin, masked)
         for part in prange(parts):
             q0, q1, u0, u1 = _units(part, parts, Q, H)
             _products(src, P, hp, q0, q1)
@@ -483,17 +489,11 @@ def _gru_forward_window(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs, threads)
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def _rnn_forward_window(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs, threads):
-    T, B, H = xp.shape
-    P = pack_rows(w_hh, 1)
+    T, B, H = hs.shape
+    P, hp, hin, masked, parts = _forward_setup(xp, w_hh, h0, hmask, 1, threads)
     Q = P.shape[0]
-    hp = np.empty((B, Q * NR), xp.dtype)
-    hin = np.empty((2, B, H), xp.dtype)
-    masked = hmask.shape[0] > 0
-    if masked:
-        _masked_units(h0, hmask, hin[0], 0, H)
-    parts = _parts(Q, threads)
     for t in range(T):
-        src = hin[t % 2] if masked else (h0 if t == 0 else hs[t - 1])
+        src = _forward_input(t, h0, hs, hin, masked)
         for part in prange(parts):
             q0, q1, u0, u1 = _units(part, parts, Q, H)
             _products(src, P, hp, q0, q1)
@@ -534,21 +534,34 @@ def _dh_in_full(dhs_tb, rec_b, d):
         d[j] = dhs_tb[j] + rec_b[j]
 
 
+@njit(cache=True, inline="always")
+def _backward_setup(w_hh, dhs, threads):
+    """W_hh's column panels; rec (B, Q*NR): dL/dh_t arriving from step t+1; parts."""
+    P = pack_cols(w_hh)
+    rec = np.zeros((dhs.shape[1], P.shape[0] * NR), dhs.dtype)
+    return P, rec, _parts(P.shape[0], threads)
+
+
+@njit(cache=True, inline="always")
+def _step_rec(t, T, dsrc, P, rec, hmask, direct, dh0, q0, q1, u0, u1):
+    """rec's units for step t: the product with step t+1's dL/dhp (none at t = T-1). At
+    t = -1, past the window, that is dL/dh0: written out, and False (no cell to run)."""
+    if t < T - 1:
+        _recurrent_grad(dsrc[t + 1], P, rec, hmask, direct, q0, q1, u0, u1)
+    if t < 0:
+        _rows_out(rec, dh0, u0, u1)
+        return False
+    return True
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
 def _lstm_backward_window(act, cs, hn, hs, h0, c0, hmask, dhs, w_hh, dxp, dhp, dh0, dc, threads):
     T, B, H = dhs.shape
-    P = pack_cols(w_hh)
-    Q = P.shape[0]
-    rec = np.zeros((B, Q * NR), dhs.dtype)  # dL/dh_t arriving from step t+1
-    parts = _parts(Q, threads)
+    P, rec, parts = _backward_setup(w_hh, dhs, threads)
     for t in range(T - 1, -2, -1):  # t = -1: only dL/dh0
         for part in prange(parts):
-            q0, q1, u0, u1 = _units(part, parts, Q, H)
-            if t < T - 1:
-                _recurrent_grad(dxp[t + 1], P, rec, hmask, None, q0, q1, u0, u1)
-            if t < 0:
-                _rows_out(rec, dh0, u0, u1)
-            else:
+            q0, q1, u0, u1 = _units(part, parts, P.shape[0], H)
+            if _step_rec(t, T, dxp, P, rec, hmask, None, dh0, q0, q1, u0, u1):
                 s = np.empty(4 * (u1 - u0), dhs.dtype)
                 d = np.empty(u1 - u0, dhs.dtype)
                 for b in range(B):
@@ -560,19 +573,12 @@ def _lstm_backward_window(act, cs, hn, hs, h0, c0, hmask, dhs, w_hh, dxp, dhp, d
 @njit(cache=True, parallel=True, error_model="numpy")
 def _gru_backward_window(act, cs, hn, hs, h0, c0, hmask, dhs, w_hh, dxp, dhp, dh0, dc, threads):
     T, B, H = dhs.shape
-    P = pack_cols(w_hh)
-    Q = P.shape[0]
-    rec = np.zeros((B, Q * NR), dhs.dtype)
+    P, rec, parts = _backward_setup(w_hh, dhs, threads)
     direct = np.empty((B, H), dhs.dtype)  # z * dh of step t+1: its path to h_t past W_hh
-    parts = _parts(Q, threads)
     for t in range(T - 1, -2, -1):
         for part in prange(parts):
-            q0, q1, u0, u1 = _units(part, parts, Q, H)
-            if t < T - 1:
-                _recurrent_grad(dhp[t + 1], P, rec, hmask, direct, q0, q1, u0, u1)
-            if t < 0:
-                _rows_out(rec, dh0, u0, u1)
-            else:
+            q0, q1, u0, u1 = _units(part, parts, P.shape[0], H)
+            if _step_rec(t, T, dhp, P, rec, hmask, direct, dh0, q0, q1, u0, u1):
                 s = np.empty(3 * (u1 - u0), dhs.dtype)
                 d = np.empty(u1 - u0, dhs.dtype)
                 for b in range(B):
@@ -585,18 +591,11 @@ def _gru_backward_window(act, cs, hn, hs, h0, c0, hmask, dhs, w_hh, dxp, dhp, dh
 @njit(cache=True, parallel=True, error_model="numpy")
 def _rnn_backward_window(act, cs, hn, hs, h0, c0, hmask, dhs, w_hh, dxp, dhp, dh0, dc, threads):
     T, B, H = dhs.shape
-    P = pack_cols(w_hh)
-    Q = P.shape[0]
-    rec = np.zeros((B, Q * NR), dhs.dtype)
-    parts = _parts(Q, threads)
+    P, rec, parts = _backward_setup(w_hh, dhs, threads)
     for t in range(T - 1, -2, -1):
         for part in prange(parts):
-            q0, q1, u0, u1 = _units(part, parts, Q, H)
-            if t < T - 1:
-                _recurrent_grad(dxp[t + 1], P, rec, hmask, None, q0, q1, u0, u1)
-            if t < 0:
-                _rows_out(rec, dh0, u0, u1)
-            else:
+            q0, q1, u0, u1 = _units(part, parts, P.shape[0], H)
+            if _step_rec(t, T, dxp, P, rec, hmask, None, dh0, q0, q1, u0, u1):
                 d = np.empty(u1 - u0, dhs.dtype)
                 for b in range(B):
                     _dh_in_full(dhs[t, b, u0:u1], rec[b, u0:u1], d)
