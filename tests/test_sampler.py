@@ -19,7 +19,7 @@ import pytest
 
 from charrnn.backend import get_backend
 from charrnn.config import ModelConfig, SampleConfig
-from charrnn.kernels import cpu, reference
+from charrnn.kernels import cpu, matvec, reference
 from charrnn.model import CharRNN, init_params
 from charrnn.sampler import CHUNK, generate
 from charrnn.vocab import Vocab
@@ -62,9 +62,14 @@ def _assert_twins(got, want, tol=TOL):
     np.testing.assert_allclose(got[2], want[2], **tol)
 
 
-def test_shapes_cover_serial_and_threaded_paths():
-    assert 33 < cpu.GEN_PAR_MIN_H  # the twin tests' H = 7, 33 run serially
-    assert (cpu.GEN_PAR_MIN_H + 7) % cpu.GEN_UNITS != 0  # a ragged last work item
+SHARED_H = 3 * cpu.GEN_UNITS + 7  # four work items a layer, the last one ragged
+
+
+def test_shapes_cover_the_work_items_and_row_kernels():
+    assert 7 < cpu.GEN_UNITS < 33 < 2 * cpu.GEN_UNITS  # H = 7: one item; H = 33: two, ragged
+    assert SHARED_H % cpu.GEN_UNITS != 0
+    # rows_dot: H = 7 is all tail (< STEP), 33 two steps and a tail; 7 rows a block and a rest
+    assert 7 < matvec.STEP < 33 and 33 % matvec.STEP and 7 % matvec.ROWS
 
 
 # ------------------------------------------------------------------ generate_ids twins
@@ -91,8 +96,8 @@ def test_generate_ids_matches_reference(cell, layers, residual, H, V):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_generate_ids_threaded_layers_match_reference(cell):
-    H = cpu.GEN_PAR_MIN_H + 7
+def test_generate_ids_shared_layers_match_reference(cell):
+    H = SHARED_H
     cfg = ModelConfig(cell=cell, vocab_size=30, embed=8, hidden=H, layers=2, residual=True)
     rng = np.random.default_rng(3)
     w, h, c = _kernel_args(cfg, 1, rng)
@@ -100,6 +105,27 @@ def test_generate_ids_threaded_layers_match_reference(cell):
     want = _run(reference, cfg, w, h, c, 4, 0.9, 0, 1.0, u, -1)
     got = _run(cpu, cfg, w, h, c, 4, 0.9, 0, 1.0, u, -1)
     _assert_twins(got, want)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_generate_ids_gives_the_same_bits_on_any_number_of_threads(cell):
+    """The threads share each phase's items through counters; more slices than numba has
+    threads means some run late (after the others did their work) or one after another on
+    one thread: the region must still finish, with the same bits. End tokens included."""
+    cfg = ModelConfig(cell=cell, vocab_size=6, embed=4, hidden=SHARED_H, layers=3, residual=True)
+    rng = np.random.default_rng(21)
+    w, h, c = _kernel_args(cfg, 6, rng)
+    u = rng.random(150)
+    runs = []
+    for threads in (1, 2, 3, 5):
+        hh, cc = h.copy(), c.copy()
+        out = np.full(len(u), -1, np.int64)
+        cpu._generate_ids(cfg.cell, cfg.residual, *w, hh, cc, 1, 1.0, 0, 1.0, u, 2, out, threads)
+        runs.append((out, hh, cc))
+    assert (runs[0][0] == 2).sum() >= 3  # end tokens drawn: the reset path ran
+    for got in runs[1:]:
+        for a, b in zip(got, runs[0]):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_generate_ids_float64_matches_reference():
@@ -154,7 +180,7 @@ def test_generate_ids_eos_resets_the_state(k, cell):
     assert not np.array_equal(_run(k, cfg, w, h, c, 1, 1.0, 0, 1.0, u, -1)[0], ids)
 
 
-@pytest.mark.parametrize("cell,H", [("lstm", 33), ("gru", 33), ("lstm", cpu.GEN_PAR_MIN_H + 7)])
+@pytest.mark.parametrize("cell,H", [("lstm", 33), ("gru", 33), ("lstm", SHARED_H)])
 def test_generate_ids_float16_weights_match_reference(cell, H):
     cfg = ModelConfig(cell=cell, vocab_size=40, embed=6, hidden=H, layers=2, residual=True)
     rng = np.random.default_rng(13)

@@ -25,10 +25,11 @@ import math
 
 import numba
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
+from charrnn.kernels import atomics
+from charrnn.kernels.matvec import rows_dot
 from charrnn.kernels.panels import NR, pack_cols, pack_rows, panel_product
 
 # Thread wait policies (OMP_WAIT_POLICY, OPENBLAS_THREAD_TIMEOUT) are set in charrnn/__init__.py,
@@ -936,85 +937,178 @@ def sum_squares_total(arrays):
 
 # ---------------------------------------------------------------- generation (batch 1)
 
-# generate_ids threads a layer from H = GEN_PAR_MIN_H, in work items of GEN_UNITS hidden
-# units (all their gate rows). Each threaded layer is one parallel launch: ~10-30 us to wake
-# a sleeping thread with passive waits, next to nothing when idle threads spin a while, as
-# `charrnn sample` has them do (charrnn.spin_for_generation). 2 quiet cores, spinning, us per
-# character, serial vs threaded (float32; float16 weights): 2x128 17.9 vs 19.3 (14.0 vs
-# 15.8); 2x192 37.2 vs 31.2 (28.9 vs 25.3); 2x256 56.8 vs 45.7 (42.8 vs 39.0); 2x384 130 vs
-# 88 (105 vs 75). With passive waits threads lost up to 2x384 (2x256: 60 vs 73), and with
-# the other core busy they lose even at 2x512. A fixed item size, not get_num_threads(): a
-# function that calls it cannot be cached (numba: "uses dynamic globals").
-GEN_PAR_MIN_H = 256
+# generate_ids runs a whole chunk of characters in one parallel region: each thread loops over
+# every character itself, and the threads share each phase's work (a layer's units in items of
+# GEN_UNITS, with all their gate rows; then the decoder and the draw, one item) through atomic
+# counters, waiting at the end of each phase until all its items are done (atomics.py). The
+# earlier kernel launched a parallel region per layer per character (~10-30 us to wake a
+# sleeping thread; with threads spinning it still lost to serial code up to H = 256), and
+# multiplied one row at a time. In-process A/B on the 2 cores, us a character (old -> new,
+# matvec.rows_dot for the products): 2x128 20.1 -> 13.7; 2x256 64 -> 48; 3x512 float16
+# 260 -> 217; 3x512 float32 about even (it streams 20 MB a character from L3 either way).
+#
+# Thread p first takes the items of its own share (slice p) of every phase, so on a steady
+# machine each core multiplies the same rows every character and keeps them in its caches;
+# then it takes whatever is left in the others' slices. A thread waits only for items another
+# thread has claimed and is computing, so the region finishes however many threads run and
+# whenever they start (one thread alone does all the work). Which thread computes an item
+# does not change its bits.
 GEN_UNITS = 32
-
-
-@intrinsic
-def _widen(typingctx, v):
-    """A weight as a float: float16 bits (uint16; numba has no float16 on the CPU) widened
-    exactly to float32 (one vcvtph2ps per 8 weights with F16C), a float as it is."""
-    if v == types.uint16:
-        def codegen(context, builder, sig, args):
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-        return types.float32(v), codegen
-    if isinstance(v, types.Float):
-        return v(v), lambda context, builder, sig, args: args[0]
-    return None
-
-
-@njit(cache=True, fastmath={"reassoc", "contract"})
-def _dot(w, x):
-    """w (n,) . x (n,) in x's dtype; w float or float16 bits. Reassociation lets LLVM keep
-    several vector partial sums (and fuse multiply-adds): 10x faster from cache, and no less
-    accurate. Measured in float32 at n = 128..1024: within 4e-8 * sum |w_i x_i| of the exact
-    value, as OpenBLAS's sdot; a sequential sum strays to 2e-7. The same code always sums in
-    the same order, so runs repeat bit for bit."""
-    s = x.dtype.type(0)
-    for i in range(x.shape[0]):
-        s += _widen(w[i]) * x[i]
-    return s
+PAD = 16  # int64s between two counters: each on its own cache lines
 
 
 @njit(cache=True, inline="always")
-def _gen_units(lo, hi, code, k, xk, xin, w_ih, b_ih, w_hh, b_hh, h, c, hp, h_new):
-    # Units [lo, hi) of layer k: their G gate rows' products, then their cell update.
-    # xk (G*H,) is layer 0's table row (k == 0), or the input projections of layer k >= 1,
-    # written here from xin (H,), the output of layer k-1.
-    H = h.shape[1]
+def _share(n, s, S):
+    """Items [lo, hi) of slice s when a phase's n items are split S ways."""
+    return n * s // S, n * (s + 1) // S
+
+
+@njit(cache=True, inline="always")
+def _gen_layer_item(item, k, code, residual, cur, table, w_ih, b_ih, w_hh, b_hh, h_old, h_new,
+                    c_old, c_new, xs, xp, hp, act, hn, s):
+    # Units [lo, hi) of layer k: their G gate rows' products, the cell (the training kernels'
+    # unit functions: same bits, and their loops vectorise), and the layer's output xs[k]
+    # there (its h, plus its input when residual). xs[k-1] (H,) is the output of the layer
+    # below; layer 0's input projections are the table row of the current id.
+    H = h_new.shape[1]
     G = hp.shape[0] // H
+    lo = item * GEN_UNITS
+    hi = min(H, lo + GEN_UNITS)
+    xin = xs[max(k - 1, 0)]  # (H,)
+    hk = h_old[k]  # (H,)
     for g in range(G):
-        for j in range(lo, hi):
-            r = g * H + j
-            if k > 0:
-                xk[r] = _dot(w_ih[k - 1, r], xin) + b_ih[k - 1, r]
-            hp[r] = _dot(w_hh[k, r], h[k])
+        r0, r1 = g * H + lo, g * H + hi
+        if k > 0:
+            rows_dot(w_ih[k - 1], r0, r1, xin, xp, r0)
+            bias = b_ih[k - 1]
+            for r in range(r0, r1):
+                xp[r] += bias[r]
+        rows_dot(w_hh[k], r0, r1, hk, hp, r0)
+    xk = table[cur] if k == 0 else xp  # (G*H,)
     b = b_hh[k]
-    hk = h[k]
-    one = hk.dtype.type(1)
-    if code == 0:  # LSTM: i, f, g, o
-        ck = c[k]
-        for j in range(lo, hi):
-            i = _sigmoid_act(xk[j] + hp[j] + b[j], one)
-            f = _sigmoid_act(xk[H + j] + hp[H + j] + b[H + j], one)
-            gg = _tanh_act(xk[2 * H + j] + hp[2 * H + j] + b[2 * H + j])
-            o = _sigmoid_act(xk[3 * H + j] + hp[3 * H + j] + b[3 * H + j], one)
-            cc = f * ck[j] + i * gg
-            ck[j] = cc
-            h_new[j] = o * _tanh_act(cc)
-    elif code == 1:  # GRU: r, z, n with b_hn inside the reset product
-        for j in range(lo, hi):
-            r = _sigmoid_act(xk[j] + (hp[j] + b[j]), one)
-            z = _sigmoid_act(xk[H + j] + (hp[H + j] + b[H + j]), one)
-            n = _tanh_act(xk[2 * H + j] + r * (hp[2 * H + j] + b[2 * H + j]))
-            h_new[j] = (one - z) * n + z * hk[j]
+    hr = h_new[k, lo:hi]
+    if code == 0:
+        _lstm_fwd_units(xk, hp, H, b, c_old[k, lo:hi], c_new[k, lo:hi], hr, act, s, lo, hi)
+    elif code == 1:
+        _gru_fwd_units(xk, hp, H, b, hk[lo:hi], act, hn[lo:hi], hr, s, lo, hi)
     else:
-        for j in range(lo, hi):
-            h_new[j] = _tanh_act(xk[j] + hp[j] + b[j])
+        _rnn_fwd_units(xk, hp, b, hr, lo, hi)
+    out, below = xs[k, lo:hi], xin[lo:hi]
+    for j in range(hi - lo):
+        out[j] = hr[j] + below[j] if (residual and k > 0) else hr[j]
 
 
-# error_model="numpy": no ZeroDivisionError check on every division, which kept LLVM from
-# vectorising the cell loops.
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, inline="always")
+def _gen_draw(t, x, dec_w, dec_b, logits, temperature, top_k, top_p, u, eos_id, h_new, c_new,
+              out):
+    # The decoder and the draw from the top layer's output x (H,); an end token zeroes the
+    # state the next character starts from.
+    rows_dot(dec_w, 0, logits.shape[0], x, logits, 0)
+    for v in range(logits.shape[0]):
+        logits[v] += dec_b[v]
+    cur = sample_logits(logits, temperature, top_k, top_p, u[t])
+    out[t] = cur
+    if cur == eos_id:
+        for k in range(h_new.shape[0]):
+            for j in range(h_new.shape[1]):
+                h_new[k, j] = 0
+        for k in range(c_new.shape[0]):
+            for j in range(c_new.shape[1]):
+                c_new[k, j] = 0
+
+
+@njit(cache=True, error_model="numpy")
+def _gen_worker(me, S, cnt, code, residual, table, w_ih, b_ih, w_hh, b_hh, dec_w, dec_b, hs, cs,
+                xs, xp, hp, act, hn, logits, start_id, temperature, top_k, top_p, u, eos_id,
+                out):
+    """Thread `me` of S in generate_ids: every phase of every character, doing the phase's
+    unclaimed items (slice me first, then the others), then waiting until all are done.
+
+    cnt[s * PAD]: items of slice s claimed so far (s < S); cnt[S * PAD]: items done so far,
+    over all phases and characters (counters only grow, so a thread that starts late sees
+    finished phases as finished). Character t reads the state hs[t % 2] (2,L,H) and cs[t % 2]
+    (LSTM) and writes the other; xs (L,H) each layer's output; xp, hp, act (G*H,), hn (H,)
+    and logits (V,) are shared scratch, each item writing its own units' entries."""
+    L, H = hs.shape[1], hs.shape[2]
+    G = hp.shape[0] // H
+    nb = (H + GEN_UNITS - 1) // GEN_UNITS  # items per layer phase; the draw is one item
+    s_row = np.empty(G * GEN_UNITS, hs.dtype)  # this thread's cell scratch
+    per_char = np.zeros(S, np.int64)  # (S,) items of slice s per character
+    before = np.zeros((S, L + 1), np.int64)  # (S,L+1) ... before phase q of a character
+    for s in range(S):
+        for q in range(L + 1):
+            lo, hi = _share(nb if q < L else 1, s, S)
+            before[s, q] = per_char[s]
+            per_char[s] += hi - lo
+    done = 0
+    cur = start_id
+    for t in range(u.shape[0]):
+        old, new = t & 1, 1 - (t & 1)
+        for q in range(L + 1):
+            n = nb if q < L else 1
+            for i in range(S):
+                s = (me + i) % S
+                lo, hi = _share(n, s, S)
+                first = t * per_char[s] + before[s, q]  # slice s's first claim in this phase
+                while True:
+                    v = atomics.load(cnt, s * PAD)
+                    if v >= first + hi - lo:
+                        break
+                    if atomics.cas(cnt, s * PAD, v, v + 1):
+                        if q < L:
+                            _gen_layer_item(lo + v - first, q, code, residual, cur, table, w_ih,
+                                            b_ih, w_hh, b_hh, hs[old], hs[new], cs[old],
+                                            cs[new], xs, xp, hp, act, hn, s_row)
+                        else:
+                            _gen_draw(t, xs[L - 1], dec_w, dec_b, logits, temperature, top_k,
+                                      top_p, u, eos_id, hs[new], cs[new], out)
+                        atomics.add(cnt, S * PAD, 1)
+            done += n
+            while atomics.load(cnt, S * PAD) < done:
+                pass
+        cur = out[t]
+
+
+@njit(cache=True, inline="always")
+def _copy_2d(src, dst):
+    # Loops, not dst[...] = src: under parallel=True an array assignment is a threaded region.
+    for k in range(dst.shape[0]):
+        for j in range(dst.shape[1]):
+            dst[k, j] = src[k, j]
+
+
+@njit(cache=True, parallel=True)
+def _generate_ids(cell, residual, table, w_ih, b_ih, w_hh, b_hh, dec_w, dec_b, h, c, start_id,
+                  temperature, top_k, top_p, u, eos_id, out, threads):
+    L, H = h.shape
+    V, GH = table.shape
+    if start_id < 0 or start_id >= V:
+        raise IndexError("start id out of range of the table's rows")
+    code = 0 if cell == "lstm" else (1 if cell == "gru" else 2)
+    dt = h.dtype
+    hs = np.empty((2, L, H), dt)  # (2,L,H) the state, ping-pong by character
+    cs = np.empty((2,) + c.shape, dt)  # (2,L,H) LSTM's cell state, the same way
+    _copy_2d(h, hs[0])
+    _copy_2d(c, cs[0])
+    xs = np.empty((L, H), dt)  # (L,H) layer outputs
+    xp = np.empty(GH, dt)  # (G*H,) input projections of a layer >= 1
+    hp = np.empty(GH, dt)  # (G*H,) recurrent products
+    act = np.empty(GH, dt)  # (G*H,) activated gates (not kept)
+    hn = np.empty(H, dt)  # (H,) GRU's W_hn h + b_hn (not kept)
+    logits = np.empty(V, dt)  # (V,)
+    S = max(1, min(threads, (H + GEN_UNITS - 1) // GEN_UNITS))
+    cnt = np.empty((S + 1) * PAD, np.int64)
+    for i in range(cnt.shape[0]):
+        cnt[i] = 0
+    for me in prange(S):
+        _gen_worker(me, S, cnt, code, residual, table, w_ih, b_ih, w_hh, b_hh, dec_w, dec_b, hs,
+                    cs, xs, xp, hp, act, hn, logits, start_id, temperature, top_k, top_p, u,
+                    eos_id, out)
+    last = u.shape[0] & 1
+    _copy_2d(hs[last], h)
+    _copy_2d(cs[last], c)
+
+
 def generate_ids(cell, residual, table, w_ih, b_ih, w_hh, b_hh, dec_w, dec_b, h, c, start_id,
                  temperature, top_k, top_p, u, eos_id, out):
     """Batch-1 generation: feed start_id, then each sampled id, for len(u) steps.
@@ -1028,43 +1122,10 @@ def generate_ids(cell, residual, table, w_ih, b_ih, w_hh, b_hh, dec_w, dec_b, h,
     start every line fresh); -1: no reset. w_ih, w_hh, dec_w may be float16 stored as their
     uint16 bits (numba has no float16 on the CPU); the arithmetic stays in h's dtype.
 
-    One compiled loop, no Python per character. sigmoid and tanh are the step kernels'
-    (_tanh_act: rational in float32, libm in float64), products are _dot's (reassociated):
-    float32-close to reference.py."""
-    L, H = h.shape
-    V, GH = table.shape
-    if start_id < 0 or start_id >= V:
-        raise IndexError("start id out of range of the table's rows")
-    code = 0 if cell == "lstm" else (1 if cell == "gru" else 2)
-    dt = h.dtype
-    xp = np.empty(GH, dt)  # (G*H,) input projections of layers >= 1
-    hp = np.empty(GH, dt)  # (G*H,) recurrent products
-    h_new = np.empty(H, dt)  # (H,) the layer's new h while threads still read h[k]
-    x = np.empty(H, dt)  # (H,) output of the layer below (input of layer k >= 1)
-    logits = np.empty(V, dt)  # (V,)
-    nblk = (H + GEN_UNITS - 1) // GEN_UNITS if H >= GEN_PAR_MIN_H else 1
-    cur = start_id
-    for t in range(u.shape[0]):
-        for k in range(L):
-            xk = table[cur] if k == 0 else xp  # (G*H,)
-            if nblk > 1:
-                for p in prange(nblk):
-                    _gen_units(p * GEN_UNITS, min(H, (p + 1) * GEN_UNITS), code, k, xk, x,
-                               w_ih, b_ih, w_hh, b_hh, h, c, hp, h_new)
-            else:
-                _gen_units(0, H, code, k, xk, x, w_ih, b_ih, w_hh, b_hh, h, c, hp, h_new)
-            for j in range(H):
-                h[k, j] = h_new[j]
-                x[j] = h_new[j] + x[j] if (residual and k > 0) else h_new[j]
-        for v in range(V):
-            logits[v] = _dot(dec_w[v], x) + dec_b[v]
-        cur = sample_logits(logits, temperature, top_k, top_p, u[t])
-        out[t] = cur
-        if cur == eos_id:
-            # Loops, not h[...] = 0: under parallel=True an array assignment is a threaded
-            # region of its own.
-            for k in range(L):
-                for j in range(H):
-                    h[k, j] = 0
-                    if code == 0:
-                        c[k, j] = 0
+    One compiled region for all len(u) characters, on numba's threads (read here: a kernel
+    that calls numba.get_num_threads() cannot be cached), no Python per character. sigmoid
+    and tanh are the step kernels' (_tanh_act: rational in float32, libm in float64),
+    products are _dot's (reassociated): float32-close to reference.py, and the same bits on
+    any number of threads."""
+    _generate_ids(cell, residual, table, w_ih, b_ih, w_hh, b_hh, dec_w, dec_b, h, c, start_id,
+                  temperature, top_k, top_p, u, eos_id, out, numba.get_num_threads())
