@@ -964,26 +964,35 @@ def _share(n, s, S):
 
 
 @njit(cache=True, inline="always")
-def _gen_layer_item(item, k, code, residual, cur, table, w_ih, b_ih, w_hh, b_hh, h_old, h_new,
-                    c_old, c_new, xs, xp, hp, act, hn, s):
-    # Units [lo, hi) of layer k: their G gate rows' products, the cell (the training kernels'
-    # unit functions: same bits, and their loops vectorise), and the layer's output xs[k]
-    # there (its h, plus its input when residual). xs[k-1] (H,) is the output of the layer
-    # below; layer 0's input projections are the table row of the current id.
+def _gen_products(lo, hi, w_hh, k, hk, hp):
+    # hp's rows of units [lo, hi) of layer k, all G gate blocks: W_hh h_{t-1} (no bias).
+    H = hk.shape[0]
+    for g in range(hp.shape[0] // H):
+        rows_dot(w_hh[k], g * H + lo, g * H + hi, hk, hp, g * H + lo)
+
+
+@njit(cache=True, inline="always")
+def _gen_layer_item(item, k, code, residual, cur, products, table, w_ih, b_ih, w_hh, b_hh, h_old,
+                    h_new, c_old, c_new, xs, xp, hp, act, hn, s):
+    # Units [lo, hi) of layer k: their G gate rows' products (the recurrent ones unless
+    # `products` is False: then the previous phase left them in hp), the cell (the training
+    # kernels' unit functions: same bits, and their loops vectorise), and the layer's output
+    # xs[k] there (its h, plus its input when residual). xs[k-1] (H,) is the output of the
+    # layer below; layer 0's input projections are the table row of the current id.
     H = h_new.shape[1]
-    G = hp.shape[0] // H
     lo = item * GEN_UNITS
     hi = min(H, lo + GEN_UNITS)
     xin = xs[max(k - 1, 0)]  # (H,)
     hk = h_old[k]  # (H,)
-    for g in range(G):
-        r0, r1 = g * H + lo, g * H + hi
-        if k > 0:
+    if k > 0:
+        bias = b_ih[k - 1]
+        for g in range(hp.shape[0] // H):
+            r0, r1 = g * H + lo, g * H + hi
             rows_dot(w_ih[k - 1], r0, r1, xin, xp, r0)
-            bias = b_ih[k - 1]
             for r in range(r0, r1):
                 xp[r] += bias[r]
-        rows_dot(w_hh[k], r0, r1, hk, hp, r0)
+    if products:
+        _gen_products(lo, hi, w_hh, k, hk, hp)
     xk = table[cur] if k == 0 else xp  # (G*H,)
     b = b_hh[k]
     hr = h_new[k, lo:hi]
@@ -999,82 +1008,90 @@ def _gen_layer_item(item, k, code, residual, cur, table, w_ih, b_ih, w_hh, b_hh,
 
 
 @njit(cache=True, inline="always")
-def _gen_draw(t, x, dec_w, dec_b, logits, temperature, top_k, top_p, u, eos_id, h_new, c_new,
-              out):
-    # The decoder and the draw from the top layer's output x (H,); an end token zeroes the
-    # state the next character starts from.
+def _gen_draw(t, x, dec_w, dec_b, logits, temperature, top_k, top_p, u, out):
+    # The decoder and the draw from the top layer's output x (H,).
     rows_dot(dec_w, 0, logits.shape[0], x, logits, 0)
     for v in range(logits.shape[0]):
         logits[v] += dec_b[v]
-    cur = sample_logits(logits, temperature, top_k, top_p, u[t])
-    out[t] = cur
-    if cur == eos_id:
-        for k in range(h_new.shape[0]):
-            for j in range(h_new.shape[1]):
-                h_new[k, j] = 0
-        for k in range(c_new.shape[0]):
-            for j in range(c_new.shape[1]):
-                c_new[k, j] = 0
+    out[t] = sample_logits(logits, temperature, top_k, top_p, u[t])
 
 
 @njit(cache=True, error_model="numpy")
 def _gen_worker(me, S, cnt, code, residual, table, w_ih, b_ih, w_hh, b_hh, dec_w, dec_b, hs, cs,
-                xs, xp, hp, act, hn, logits, start_id, temperature, top_k, top_p, u, eos_id,
-                out):
+                zh, zc, xs, xp, hp, act, hn, logits, start_id, temperature, top_k, top_p, u,
+                eos_id, out):
     """Thread `me` of S in generate_ids: every phase of every character, doing the phase's
     unclaimed items (slice me first, then the others), then waiting until all are done.
 
+    Phases of character t: one per layer (nb items of units); then the draw (item 0) and,
+    beside it, the next character's layer-0 recurrent products (items 1..nb), which need
+    only this character's layer-0 state and so keep the other threads busy while one draws.
+    After an end token the next character starts from zero state (zh, zc) and its layer 0
+    computes its own products.
+
     cnt[s * PAD]: items of slice s claimed so far (s < S); cnt[S * PAD]: items done so far,
     over all phases and characters (counters only grow, so a thread that starts late sees
-    finished phases as finished). Character t reads the state hs[t % 2] (2,L,H) and cs[t % 2]
-    (LSTM) and writes the other; xs (L,H) each layer's output; xp, hp, act (G*H,), hn (H,)
-    and logits (V,) are shared scratch, each item writing its own units' entries."""
+    finished phases as finished; each thread follows every phase's size). Character t reads
+    the state hs[t % 2] (2,L,H) and cs[t % 2] (LSTM) and writes the other; xs (L,H) each
+    layer's output; xp, hp, act (G*H,), hn (H,) and logits (V,) are shared scratch, each
+    item writing its own rows."""
     L, H = hs.shape[1], hs.shape[2]
+    T = u.shape[0]
     G = hp.shape[0] // H
-    nb = (H + GEN_UNITS - 1) // GEN_UNITS  # items per layer phase; the draw is one item
+    nb = (H + GEN_UNITS - 1) // GEN_UNITS  # items per layer phase
     s_row = np.empty(G * GEN_UNITS, hs.dtype)  # this thread's cell scratch
-    per_char = np.zeros(S, np.int64)  # (S,) items of slice s per character
-    before = np.zeros((S, L + 1), np.int64)  # (S,L+1) ... before phase q of a character
-    for s in range(S):
-        for q in range(L + 1):
-            lo, hi = _share(nb if q < L else 1, s, S)
-            before[s, q] = per_char[s]
-            per_char[s] += hi - lo
+    base = np.zeros(S, np.int64)  # (S,) items of slice s in the phases before this one
     done = 0
     cur = start_id
-    for t in range(u.shape[0]):
+    for t in range(T):
         old, new = t & 1, 1 - (t & 1)
+        fresh = t == 0 or cur == eos_id  # no products from the last draw phase
+        h_old = zh if (t > 0 and cur == eos_id) else hs[old]
+        c_old = zc if (t > 0 and cur == eos_id) else cs[old]
         for q in range(L + 1):
-            n = nb if q < L else 1
+            n = nb if q < L else 1 + (nb if t + 1 < T else 0)
             for i in range(S):
                 s = (me + i) % S
                 lo, hi = _share(n, s, S)
-                first = t * per_char[s] + before[s, q]  # slice s's first claim in this phase
                 while True:
                     v = atomics.load(cnt, s * PAD)
-                    if v >= first + hi - lo:
+                    if v >= base[s] + hi - lo:
                         break
                     if atomics.cas(cnt, s * PAD, v, v + 1):
+                        item = lo + v - base[s]
                         if q < L:
-                            _gen_layer_item(lo + v - first, q, code, residual, cur, table, w_ih,
-                                            b_ih, w_hh, b_hh, hs[old], hs[new], cs[old],
+                            _gen_layer_item(item, q, code, residual, cur, q > 0 or fresh, table,
+                                            w_ih, b_ih, w_hh, b_hh, h_old, hs[new], c_old,
                                             cs[new], xs, xp, hp, act, hn, s_row)
-                        else:
+                        elif item == 0:
                             _gen_draw(t, xs[L - 1], dec_w, dec_b, logits, temperature, top_k,
-                                      top_p, u, eos_id, hs[new], cs[new], out)
+                                      top_p, u, out)
+                        else:
+                            lo0 = (item - 1) * GEN_UNITS
+                            _gen_products(lo0, min(H, lo0 + GEN_UNITS), w_hh, 0, hs[new, 0], hp)
                         atomics.add(cnt, S * PAD, 1)
+            for s in range(S):
+                lo, hi = _share(n, s, S)
+                base[s] += hi - lo
             done += n
             while atomics.load(cnt, S * PAD) < done:
                 pass
         cur = out[t]
 
 
+# Loops, not dst[...] = src: under parallel=True an array assignment is a threaded region.
 @njit(cache=True, inline="always")
 def _copy_2d(src, dst):
-    # Loops, not dst[...] = src: under parallel=True an array assignment is a threaded region.
     for k in range(dst.shape[0]):
         for j in range(dst.shape[1]):
             dst[k, j] = src[k, j]
+
+
+@njit(cache=True, inline="always")
+def _fill_2d(dst, value):
+    for k in range(dst.shape[0]):
+        for j in range(dst.shape[1]):
+            dst[k, j] = value
 
 
 @njit(cache=True, parallel=True)
@@ -1096,17 +1113,25 @@ def _generate_ids(cell, residual, table, w_ih, b_ih, w_hh, b_hh, dec_w, dec_b, h
     act = np.empty(GH, dt)  # (G*H,) activated gates (not kept)
     hn = np.empty(H, dt)  # (H,) GRU's W_hn h + b_hn (not kept)
     logits = np.empty(V, dt)  # (V,)
+    zh = np.empty((L, H), dt)  # (L,H) the zero state after an end token
+    zc = np.empty(c.shape, dt)
+    _fill_2d(zh, 0)
+    _fill_2d(zc, 0)
     S = max(1, min(threads, (H + GEN_UNITS - 1) // GEN_UNITS))
     cnt = np.empty((S + 1) * PAD, np.int64)
     for i in range(cnt.shape[0]):
         cnt[i] = 0
     for me in prange(S):
         _gen_worker(me, S, cnt, code, residual, table, w_ih, b_ih, w_hh, b_hh, dec_w, dec_b, hs,
-                    cs, xs, xp, hp, act, hn, logits, start_id, temperature, top_k, top_p, u,
-                    eos_id, out)
-    last = u.shape[0] & 1
-    _copy_2d(hs[last], h)
-    _copy_2d(cs[last], c)
+                    cs, zh, zc, xs, xp, hp, act, hn, logits, start_id, temperature, top_k,
+                    top_p, u, eos_id, out)
+    T = u.shape[0]
+    if T > 0 and out[T - 1] == eos_id:  # the next call starts fresh
+        _fill_2d(h, 0)
+        _fill_2d(c, 0)
+    else:
+        _copy_2d(hs[T & 1], h)
+        _copy_2d(cs[T & 1], c)
 
 
 def generate_ids(cell, residual, table, w_ih, b_ih, w_hh, b_hh, dec_w, dec_b, h, c, start_id,
