@@ -39,3 +39,14 @@ def test_no_increment_is_lost_between_threads():
     c = np.zeros(32, np.int64)
     _count(c, 200_000, 4)
     assert c[0] == 800_000 and c[16] == 800_000
+
+
+@njit(cache=True)
+def _wait_and_yield(a):
+    atomics._yield_cpu()  # the call a long wait makes: its symbol resolves, it returns
+    atomics.wait_at_least(a, 0, 3)  # reached already: returns at once
+    return atomics.load(a, 0)
+
+
+def test_a_wait_that_is_over_returns_and_yielding_runs():
+    assert _wait_and_yield(np.array([3, 0], np.int64)) == 3

@@ -425,7 +425,9 @@ def test_layer_forward_backward_match_reference_backend(cell, with_hmask, dtype,
 @pytest.mark.parametrize("cell", CELLS)
 def test_window_kernels_do_not_depend_on_the_thread_split(cell):
     """Bit-exact resume: a window's results are the same bits whether its units are split
-    over 1, 2 or 3 threads (each product is one dot product in k order)."""
+    over 1, 2 or 3 parts (each product is one dot product in k order). 3 parts on numba's
+    2 threads: one part's thread starts late, or after another on the same thread, and the
+    others take its work; the steps' barriers must still let the window finish."""
     rng = np.random.default_rng(7)
     T, B, H, dt = 5, 9, 40, np.float32
     G = GATES[cell]

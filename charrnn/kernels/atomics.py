@@ -1,6 +1,7 @@
 """Atomic operations on int64 array elements for numba CPU code (numba offers atomics only on
-CUDA). They let threads of one parallel region hand work to each other without a new region
-per step: `cpu.generate_ids` claims work items and waits for a phase to finish with them.
+CUDA). They let threads of one parallel region share work without a new region per step:
+`cpu.generate_ids` and the cpu window kernels claim work items with them and wait, with
+`wait_at_least`, until a phase's items are all done.
 
 Each is one LLVM atomic instruction on the element's address: `load` (acquire), `add`
 (acq_rel; returns the old value) and `cas` (compare and swap, acq_rel; True if it swapped).
@@ -11,7 +12,10 @@ checks: callers index fixed small counter arrays.
 
 from __future__ import annotations
 
-from numba import types
+import sys
+
+from llvmlite import ir
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -72,3 +76,34 @@ def cas(typingctx, a, i, expected, new):
         return builder.extract_value(pair, 1)
 
     return types.boolean(a, i, expected, new), codegen
+
+
+
+@intrinsic
+def _yield_cpu(typingctx):
+    # sched_yield(2), resolved in the running process when the code is loaded; nothing on
+    # Windows (no such call), where a waiting thread just spins.
+    def codegen(context, builder, sig, args):
+        if not sys.platform.startswith("win"):
+            fn = cgutils.get_or_insert_function(builder.module,
+                                                ir.FunctionType(ir.IntType(32), []), "sched_yield")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+SPINS = 1 << 12  # tries before a waiting thread starts yielding its core (~0.1-0.4 ms here)
+
+
+@njit(cache=True)
+def wait_at_least(a, i, target):
+    """Return once a[i] >= target (read with acquire order). A thread waits here for others
+    to finish their share of a phase: it spins (the others are normally microseconds from
+    done), and past SPINS tries gives its core up between tries, so a thread it waits for
+    that shares the core (more threads than cores) gets to run."""
+    tries = 0
+    while load(a, i) < target:
+        tries += 1
+        if tries > SPINS:
+            _yield_cpu()

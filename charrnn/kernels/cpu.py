@@ -365,14 +365,18 @@ def rnn_backward_step(h, dh, dpre):
 
 # ---------------------------------------------------------------- recurrent windows
 #
-# A window's T steps of one layer in one call. Per step one parallel region: the H units
-# are split into `parts` contiguous ranges of NR-unit panels; a thread computes the
-# recurrent product for its units only (every gate of them, against W_hh packed once per
-# window, panels.py) and runs the cell over those units at once. The region's end is the
-# step's barrier: step t+1 needs all of h_t. Against the per-step loop (an OpenBLAS call,
-# which repacks W_hh and splits itself over threads, then a serial cell kernel), this packs
-# once, threads the cell work too, and makes one parallel launch a step instead of two.
-# Results do not depend on `parts`: each product is one dot product in k order, and each
+# A window's T steps of one layer in one call, one parallel region. The H units are split
+# into `parts` contiguous ranges of NR-unit panels; a step's work for one part is the
+# recurrent product for those units only (every gate of them, against W_hh packed once per
+# window, panels.py) and the cell over them. Each thread runs every step: it takes the parts
+# nobody has taken yet (its own first) through atomic counters, then waits at the step's
+# barrier until every part is done (step t+1 needs all of h_t). Against the per-step loop (an
+# OpenBLAS call, which repacks W_hh and splits itself over threads, then a serial cell
+# kernel), this packs once, threads the cell work too, and starts threads once a window: a
+# region a step, as before the barriers, cost ~10-30 us each to wake a sleeping thread
+# (training keeps idle threads passive, charrnn/__init__.py): 2x128 windows (T=16) ran
+# 100 -> 89 us a forward step and 89 -> 74 a backward one. Results do not depend on `parts`
+# or on which thread takes a part: each product is one dot product in k order, and each
 # unit's cell arithmetic is the step kernels' own.
 #
 # One signature for every cell (arguments a cell does not use are None; no mask is a (0, 0)
@@ -404,6 +408,43 @@ def _parts(Q, threads):
     return max(1, min(threads, Q))
 
 
+PAD = 16  # int64s between two atomic counters: each on its own cache lines
+
+
+@njit(cache=True, inline="always")
+def _counters(parts):
+    """A window's step counters (atomics.py): cnt[p * PAD] = steps whose item of part p has
+    been taken, cnt[parts * PAD] = items done, over the whole window."""
+    cnt = np.empty((parts + 1) * PAD, np.int64)
+    for i in range(cnt.shape[0]):  # a loop: under parallel=True, np.zeros is a region
+        cnt[i] = 0
+    return cnt
+
+
+@njit(cache=True, inline="always")
+def _take(cnt, part, step):
+    """Whether this thread takes part's item of the window's step-th step (each thread tries
+    every part, its own first: whoever is there does the work, so the window finishes on
+    any number of threads)."""
+    return atomics.cas(cnt, part * PAD, step, step + 1)
+
+
+@njit(cache=True, inline="always")
+def _done(cnt, parts):
+    atomics.add(cnt, parts * PAD, 1)
+
+
+@njit(cache=True, inline="always")
+def _step_end(cnt, parts, step):
+    """The barrier between steps: wait until every part's item of this step is done."""
+    atomics.wait_at_least(cnt, parts * PAD, (step + 1) * parts)
+
+
+@njit(cache=True, inline="always")
+def _most_units(Q, parts):
+    return NR * ((Q + parts - 1) // parts)
+
+
 def _window(kernel, mask_at: int, w_at: int):
     """The public window kernel: `kernel` with numba's thread count as its last argument
     (read here, in Python: numba.get_num_threads() inside a kernel stops it being cached),
@@ -433,7 +474,8 @@ def _masked_units(h, hmask, out, u0, u1):
 @njit(cache=True, inline="always")
 def _forward_setup(xp, w_hh, h0, hmask, gates, threads):
     """W_hh's panels; the products' buffer hp (B, G*Q*NR), gate blocks Q*NR apart; the
-    masked inputs to W_hh (2,B,H), ping-pong, step 0's filled in; whether masked; parts."""
+    masked inputs to W_hh (2,B,H), ping-pong, step 0's filled in; whether masked; parts;
+    the step counters."""
     B, H = h0.shape
     P = pack_rows(w_hh, gates)
     hp = np.empty((B, gates * P.shape[0] * NR), xp.dtype)
@@ -441,7 +483,8 @@ def _forward_setup(xp, w_hh, h0, hmask, gates, threads):
     masked = hmask.shape[0] > 0
     if masked:
         _masked_units(h0, hmask, hin[0], 0, H)
-    return P, hp, hin, masked, _parts(P.shape[0], threads)
+    parts = _parts(P.shape[0], threads)
+    return P, hp, hin, masked, parts, _counters(parts)
 
 
 @njit(cache=True, inline="always")
@@ -453,55 +496,70 @@ def _forward_input(t, h0, hs, hin, masked):
 @njit(cache=True, parallel=True, error_model="numpy")
 def _lstm_forward_window(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs, threads):
     T, B, H = hs.shape
-    P, hp, hin, masked, parts = _forward_setup(xp, w_hh, h0, hmask, 4, threads)
+    P, hp, hin, masked, parts, cnt = _forward_setup(xp, w_hh, h0, hmask, 4, threads)
     Q = P.shape[0]
-    for t in range(T):
-        c_prev = c0 if t == 0 else cs[t - 1]
-        src = _forward_input(t, h0, hs, hin, masked)
-        for part in prange(parts):
-            q0, q1, u0, u1 = _units(part, parts, Q, H)
-            _products(src, P, hp, q0, q1)
-            s = np.empty(4 * (u1 - u0), xp.dtype)
-            for b in range(B):
-                _lstm_fwd_units(xp[t, b], hp[b], Q * NR, b_hh, c_prev[b, u0:u1], cs[t, b, u0:u1],
-                                hs[t, b, u0:u1], act[t, b], s, u0, u1)
-            if masked:
-                _masked_units(hs[t], hmask, hin[(t + 1) % 2], u0, u1)
+    for me in prange(parts):
+        s = np.empty(4 * _most_units(Q, parts), xp.dtype)
+        for t in range(T):
+            c_prev = c0 if t == 0 else cs[t - 1]
+            src = _forward_input(t, h0, hs, hin, masked)
+            for i in range(parts):
+                part = (me + i) % parts
+                if _take(cnt, part, t):
+                    q0, q1, u0, u1 = _units(part, parts, Q, H)
+                    _products(src, P, hp, q0, q1)
+                    for b in range(B):
+                        _lstm_fwd_units(xp[t, b], hp[b], Q * NR, b_hh, c_prev[b, u0:u1],
+                                        cs[t, b, u0:u1], hs[t, b, u0:u1], act[t, b], s, u0, u1)
+                    if masked:
+                        _masked_units(hs[t], hmask, hin[(t + 1) % 2], u0, u1)
+                    _done(cnt, parts)
+            _step_end(cnt, parts, t)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def _gru_forward_window(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs, threads):
     T, B, H = hs.shape
-    P, hp, hin, masked, parts = _forward_setup(xp, w_hh, h0, hmask, 3, threads)
+    P, hp, hin, masked, parts, cnt = _forward_setup(xp, w_hh, h0, hmask, 3, threads)
     Q = P.shape[0]
-    for t in range(T):
-        h_prev = h0 if t == 0 else hs[t - 1]
-        src = _forward_input(t, h0, hs, hin, masked)
-        for part in prange(parts):
-            q0, q1, u0, u1 = _units(part, parts, Q, H)
-            _products(src, P, hp, q0, q1)
-            s = np.empty(3 * (u1 - u0), xp.dtype)
-            for b in range(B):
-                _gru_fwd_units(xp[t, b], hp[b], Q * NR, b_hh, h_prev[b, u0:u1], act[t, b],
-                               hn[t, b, u0:u1], hs[t, b, u0:u1], s, u0, u1)
-            if masked:
-                _masked_units(hs[t], hmask, hin[(t + 1) % 2], u0, u1)
+    for me in prange(parts):
+        s = np.empty(3 * _most_units(Q, parts), xp.dtype)
+        for t in range(T):
+            h_prev = h0 if t == 0 else hs[t - 1]
+            src = _forward_input(t, h0, hs, hin, masked)
+            for i in range(parts):
+                part = (me + i) % parts
+                if _take(cnt, part, t):
+                    q0, q1, u0, u1 = _units(part, parts, Q, H)
+                    _products(src, P, hp, q0, q1)
+                    for b in range(B):
+                        _gru_fwd_units(xp[t, b], hp[b], Q * NR, b_hh, h_prev[b, u0:u1],
+                                       act[t, b], hn[t, b, u0:u1], hs[t, b, u0:u1], s, u0, u1)
+                    if masked:
+                        _masked_units(hs[t], hmask, hin[(t + 1) % 2], u0, u1)
+                    _done(cnt, parts)
+            _step_end(cnt, parts, t)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def _rnn_forward_window(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs, threads):
     T, B, H = hs.shape
-    P, hp, hin, masked, parts = _forward_setup(xp, w_hh, h0, hmask, 1, threads)
+    P, hp, hin, masked, parts, cnt = _forward_setup(xp, w_hh, h0, hmask, 1, threads)
     Q = P.shape[0]
-    for t in range(T):
-        src = _forward_input(t, h0, hs, hin, masked)
-        for part in prange(parts):
-            q0, q1, u0, u1 = _units(part, parts, Q, H)
-            _products(src, P, hp, q0, q1)
-            for b in range(B):
-                _rnn_fwd_units(xp[t, b], hp[b], b_hh, hs[t, b, u0:u1], u0, u1)
-            if masked:
-                _masked_units(hs[t], hmask, hin[(t + 1) % 2], u0, u1)
+    for me in prange(parts):
+        for t in range(T):
+            src = _forward_input(t, h0, hs, hin, masked)
+            for i in range(parts):
+                part = (me + i) % parts
+                if _take(cnt, part, t):
+                    q0, q1, u0, u1 = _units(part, parts, Q, H)
+                    _products(src, P, hp, q0, q1)
+                    for b in range(B):
+                        _rnn_fwd_units(xp[t, b], hp[b], b_hh, hs[t, b, u0:u1], u0, u1)
+                    if masked:
+                        _masked_units(hs[t], hmask, hin[(t + 1) % 2], u0, u1)
+                    _done(cnt, parts)
+            _step_end(cnt, parts, t)
 
 
 @njit(cache=True, inline="always")
@@ -537,10 +595,12 @@ def _dh_in_full(dhs_tb, rec_b, d):
 
 @njit(cache=True, inline="always")
 def _backward_setup(w_hh, dhs, threads):
-    """W_hh's column panels; rec (B, Q*NR): dL/dh_t arriving from step t+1; parts."""
+    """W_hh's column panels; rec (B, Q*NR): dL/dh_t arriving from step t+1; parts; the
+    step counters."""
     P = pack_cols(w_hh)
     rec = np.zeros((dhs.shape[1], P.shape[0] * NR), dhs.dtype)
-    return P, rec, _parts(P.shape[0], threads)
+    parts = _parts(P.shape[0], threads)
+    return P, rec, parts, _counters(parts)
 
 
 @njit(cache=True, inline="always")
@@ -558,49 +618,74 @@ def _step_rec(t, T, dsrc, P, rec, hmask, direct, dh0, q0, q1, u0, u1):
 @njit(cache=True, parallel=True, error_model="numpy")
 def _lstm_backward_window(act, cs, hn, hs, h0, c0, hmask, dhs, w_hh, dxp, dhp, dh0, dc, threads):
     T, B, H = dhs.shape
-    P, rec, parts = _backward_setup(w_hh, dhs, threads)
-    for t in range(T - 1, -2, -1):  # t = -1: only dL/dh0
-        for part in prange(parts):
-            q0, q1, u0, u1 = _units(part, parts, P.shape[0], H)
-            if _step_rec(t, T, dxp, P, rec, hmask, None, dh0, q0, q1, u0, u1):
-                s = np.empty(4 * (u1 - u0), dhs.dtype)
-                d = np.empty(u1 - u0, dhs.dtype)
-                for b in range(B):
-                    _dh_in_full(dhs[t, b, u0:u1], rec[b, u0:u1], d)
-                    cp = c0[b, u0:u1] if t == 0 else cs[t - 1, b, u0:u1]
-                    _lstm_bwd_units(act[t, b], cp, cs[t, b, u0:u1], d, dc[b, u0:u1], dxp[t, b], s, u0, u1)
+    P, rec, parts, cnt = _backward_setup(w_hh, dhs, threads)
+    Q = P.shape[0]
+    for me in prange(parts):
+        s = np.empty(4 * _most_units(Q, parts), dhs.dtype)
+        d = np.empty(_most_units(Q, parts), dhs.dtype)
+        for step in range(T + 1):
+            t = T - 1 - step  # t = -1: only dL/dh0
+            for i in range(parts):
+                part = (me + i) % parts
+                if _take(cnt, part, step):
+                    q0, q1, u0, u1 = _units(part, parts, Q, H)
+                    if _step_rec(t, T, dxp, P, rec, hmask, None, dh0, q0, q1, u0, u1):
+                        du = d[:u1 - u0]
+                        for b in range(B):
+                            _dh_in_full(dhs[t, b, u0:u1], rec[b, u0:u1], du)
+                            cp = c0[b, u0:u1] if t == 0 else cs[t - 1, b, u0:u1]
+                            _lstm_bwd_units(act[t, b], cp, cs[t, b, u0:u1], du, dc[b, u0:u1],
+                                            dxp[t, b], s, u0, u1)
+                    _done(cnt, parts)
+            _step_end(cnt, parts, step)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def _gru_backward_window(act, cs, hn, hs, h0, c0, hmask, dhs, w_hh, dxp, dhp, dh0, dc, threads):
     T, B, H = dhs.shape
-    P, rec, parts = _backward_setup(w_hh, dhs, threads)
+    P, rec, parts, cnt = _backward_setup(w_hh, dhs, threads)
+    Q = P.shape[0]
     direct = np.empty((B, H), dhs.dtype)  # z * dh of step t+1: its path to h_t past W_hh
-    for t in range(T - 1, -2, -1):
-        for part in prange(parts):
-            q0, q1, u0, u1 = _units(part, parts, P.shape[0], H)
-            if _step_rec(t, T, dhp, P, rec, hmask, direct, dh0, q0, q1, u0, u1):
-                s = np.empty(3 * (u1 - u0), dhs.dtype)
-                d = np.empty(u1 - u0, dhs.dtype)
-                for b in range(B):
-                    _dh_in_full(dhs[t, b, u0:u1], rec[b, u0:u1], d)
-                    hp_ = h0[b, u0:u1] if t == 0 else hs[t - 1, b, u0:u1]
-                    _gru_bwd_units(act[t, b], hn[t, b, u0:u1], hp_, d, dxp[t, b], dhp[t, b],
-                                   direct[b, u0:u1], s, u0, u1)
+    for me in prange(parts):
+        s = np.empty(3 * _most_units(Q, parts), dhs.dtype)
+        d = np.empty(_most_units(Q, parts), dhs.dtype)
+        for step in range(T + 1):
+            t = T - 1 - step
+            for i in range(parts):
+                part = (me + i) % parts
+                if _take(cnt, part, step):
+                    q0, q1, u0, u1 = _units(part, parts, Q, H)
+                    if _step_rec(t, T, dhp, P, rec, hmask, direct, dh0, q0, q1, u0, u1):
+                        du = d[:u1 - u0]
+                        for b in range(B):
+                            _dh_in_full(dhs[t, b, u0:u1], rec[b, u0:u1], du)
+                            hp_ = h0[b, u0:u1] if t == 0 else hs[t - 1, b, u0:u1]
+                            _gru_bwd_units(act[t, b], hn[t, b, u0:u1], hp_, du, dxp[t, b],
+                                           dhp[t, b], direct[b, u0:u1], s, u0, u1)
+                    _done(cnt, parts)
+            _step_end(cnt, parts, step)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def _rnn_backward_window(act, cs, hn, hs, h0, c0, hmask, dhs, w_hh, dxp, dhp, dh0, dc, threads):
     T, B, H = dhs.shape
-    P, rec, parts = _backward_setup(w_hh, dhs, threads)
-    for t in range(T - 1, -2, -1):
-        for part in prange(parts):
-            q0, q1, u0, u1 = _units(part, parts, P.shape[0], H)
-            if _step_rec(t, T, dxp, P, rec, hmask, None, dh0, q0, q1, u0, u1):
-                d = np.empty(u1 - u0, dhs.dtype)
-                for b in range(B):
-                    _dh_in_full(dhs[t, b, u0:u1], rec[b, u0:u1], d)
-                    _rnn_bwd_units(hs[t, b, u0:u1], d, dxp[t, b, u0:u1])
+    P, rec, parts, cnt = _backward_setup(w_hh, dhs, threads)
+    Q = P.shape[0]
+    for me in prange(parts):
+        d = np.empty(_most_units(Q, parts), dhs.dtype)
+        for step in range(T + 1):
+            t = T - 1 - step
+            for i in range(parts):
+                part = (me + i) % parts
+                if _take(cnt, part, step):
+                    q0, q1, u0, u1 = _units(part, parts, Q, H)
+                    if _step_rec(t, T, dxp, P, rec, hmask, None, dh0, q0, q1, u0, u1):
+                        du = d[:u1 - u0]
+                        for b in range(B):
+                            _dh_in_full(dhs[t, b, u0:u1], rec[b, u0:u1], du)
+                            _rnn_bwd_units(hs[t, b, u0:u1], du, dxp[t, b, u0:u1])
+                    _done(cnt, parts)
+            _step_end(cnt, parts, step)
 
 
 lstm_forward_window = _window(_lstm_forward_window, 5, 1)
@@ -954,7 +1039,6 @@ def sum_squares_total(arrays):
 # whenever they start (one thread alone does all the work). Which thread computes an item
 # does not change its bits.
 GEN_UNITS = 32
-PAD = 16  # int64s between two counters: each on its own cache lines
 
 
 @njit(cache=True, inline="always")
@@ -1074,8 +1158,7 @@ def _gen_worker(me, S, cnt, code, residual, table, w_ih, b_ih, w_hh, b_hh, dec_w
                 lo, hi = _share(n, s, S)
                 base[s] += hi - lo
             done += n
-            while atomics.load(cnt, S * PAD) < done:
-                pass
+            atomics.wait_at_least(cnt, S * PAD, done)
         cur = out[t]
 
 
