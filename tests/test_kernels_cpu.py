@@ -18,12 +18,11 @@ from charrnn.model import CharRNN
 
 DTYPES = [np.float32, np.float64]
 CELLS = ["lstm", "gru", "rnn"]
-STEP_SHAPES = [(1, 7), (5, 33), (64, 128), (130, 520)]  # (B, H); the last is threaded
+STEP_SHAPES = [(1, 7), (5, 33), (64, 128), (130, 520)]  # (B, H)
 
 
 def test_shapes_cover_serial_and_threaded_paths():
-    assert 64 * 128 < cpu.PAR_MIN <= 130 * 520  # STEP_SHAPES
-    assert 64 * 128 < cpu.CHEAP_PAR_MIN <= 130 * 520  # rnn_backward_step
+    assert {(H + cpu.NR - 1) // cpu.NR for _, H in STEP_SHAPES} == {1, 3, 8, 33}  # panels
     assert 5 * 33 < cpu.ROW_PAR_MIN <= 300 * 65  # softmax shapes
     assert 33 * 5 < cpu.CHEAP_PAR_MIN <= 300 * 257  # adam shapes
     assert 1000 * 300 >= cpu.COPY_PAR_MIN > 300 * 512  # gather / scatter
@@ -43,93 +42,127 @@ def _randn(rng, shape, dtype, scale=1.0):
 
 
 # ------------------------------------------------------------------ recurrent steps
+#
+# cpu has no step kernels: a step is a one-step window (cpu.*_window), which computes the
+# recurrent product hp = h0 @ W_hh.T itself. The reference step kernels are given hp from
+# numpy; h0 and W_hh are drawn in quarter steps (W_hh times a power of two), so every
+# product and partial sum is exact in float32 and both sides see the same hp.
+
+
+def _quarters(rng, shape, dtype, scale=1.0):
+    return (np.round(rng.standard_normal(shape) * 4) / 4 * scale).astype(dtype)
 
 
 def _step_inputs(cell, B, H, dtype, rng, scale):
-    """Forward inputs (scaled: large |x| exercises sigmoid/tanh saturation) and backward
-    inputs whose activations come from the reference forward."""
+    """Forward inputs (scaled: large |x| and hp exercise sigmoid/tanh saturation) and backward
+    inputs. prev is c_{t-1} (LSTM) or h_{t-1} (GRU, RNN); h0 is W_hh's input."""
     GH = GATES[cell] * H
-    xp, hp = _randn(rng, (B, GH), dtype, scale), _randn(rng, (B, GH), dtype, scale)
-    b_hh, prev = _randn(rng, (GH,), dtype), _randn(rng, (B, H), dtype)
+    xp = _randn(rng, (B, GH), dtype, scale)
+    w_hh = _quarters(rng, (GH, H), dtype, 2.0 ** np.round(np.log2(scale / np.sqrt(H))))
+    b_hh = _randn(rng, (GH,), dtype)
+    h0 = _quarters(rng, (B, H), dtype)
+    prev = _randn(rng, (B, H), dtype) if cell == "lstm" else h0
     dh, dc = _randn(rng, (B, H), dtype), _randn(rng, (B, H), dtype)
-    return xp, hp, b_hh, prev, dh, dc
+    return xp, w_hh, b_hh, prev, h0, dh, dc
 
 
-def _forward(k, cell, xp, hp, b_hh, prev):
+def _hp(h0, w_hh):
+    return (h0.astype(np.float64) @ w_hh.T.astype(np.float64)).astype(h0.dtype)
+
+
+def _forward(k, cell, xp, w_hh, b_hh, prev, h0, act=None):
+    """{act, other (c or hn), h} of one step: reference step kernels, or a cpu window.
+    `act`: where the cpu window writes the activations (default: a fresh array)."""
     B, H = prev.shape
     dt = prev.dtype
     h = np.full((B, H), np.nan, dt)
-    if cell == "rnn":
-        k.rnn_forward_step(xp, hp, b_hh, h)
-        return {"h": h}
-    act = np.full(xp.shape, np.nan, dt)
     other = np.full((B, H), np.nan, dt)  # c (LSTM) or hn (GRU)
-    if cell == "lstm":
-        k.lstm_forward_step(xp, hp, b_hh, prev, act, other, h)
-    else:
-        k.gru_forward_step(xp, hp, b_hh, prev, act, other, h)
-    return {"act": act, "other": other, "h": h}
+    if k is reference:
+        hp = _hp(h0, w_hh)
+        if cell == "rnn":
+            reference.rnn_forward_step(xp, hp, b_hh, h)
+            return {"h": h}
+        act = np.full(xp.shape, np.nan, dt)
+        step = reference.lstm_forward_step if cell == "lstm" else reference.gru_forward_step
+        step(xp, hp, b_hh, prev, act, other, h)
+        return {"act": act, "other": other, "h": h}
+    act = np.full(xp.shape, np.nan, dt) if act is None else act
+    window = getattr(cpu, f"{cell}_forward_window")
+    window(xp[None], w_hh, b_hh, h0, prev if cell == "lstm" else None, None,
+           act[None] if cell != "rnn" else None, other[None] if cell == "lstm" else None,
+           other[None] if cell == "gru" else None, h[None])
+    return {"h": h} if cell == "rnn" else {"act": act, "other": other, "h": h}
 
 
-def _backward(k, cell, fwd, prev, dh, dc):
+def _backward(k, cell, fwd, w_hh, prev, h0, dh, dc, out=None):
+    """One step's backward from the forward's {act, other, h}: the reference's step kernels
+    plus the product for dL/dh_{t-1}, or a cpu window. Keys: dxp (dL/dxp), dhp (GRU's
+    dL/dhp), dh0 (dL/dh_{t-1}, all paths), dc (LSTM's dL/dc_{t-1}). `out`: where the cpu
+    window writes dL/dxp (default: a fresh array)."""
     dt = prev.dtype
-    if cell == "rnn":
-        dpre = np.full(dh.shape, np.nan, dt)
-        k.rnn_backward_step(fwd["h"], dh, dpre)
-        return {"dpre": dpre}
+    GH = w_hh.shape[0]
+    B, H = prev.shape
+    if k is reference:
+        dxp = np.full((B, GH), np.nan, dt)
+        got = {"dxp": dxp}
+        if cell == "rnn":
+            reference.rnn_backward_step(fwd["h"], dh, dxp)
+        elif cell == "lstm":
+            got["dc"] = dc.copy()
+            reference.lstm_backward_step(fwd["act"], prev, fwd["other"], dh, got["dc"], dxp)
+        else:
+            got["dhp"] = np.full((B, GH), np.nan, dt)
+            direct = np.full((B, H), np.nan, dt)
+            reference.gru_backward_step(fwd["act"], fwd["other"], prev, dh, dxp, got["dhp"], direct)
+        dhp = got.get("dhp", dxp).astype(np.float64)
+        dh0 = dhp @ w_hh.astype(np.float64) + (direct if cell == "gru" else 0)
+        got["dh0"] = dh0.astype(dt)
+        return got
+    dxp = np.full((B, GH), np.nan, dt) if out is None else out
+    got = {"dxp": dxp, "dh0": np.full((B, H), np.nan, dt)}
     if cell == "lstm":
-        dpre = np.full(fwd["act"].shape, np.nan, dt)
-        dc = dc.copy()
-        k.lstm_backward_step(fwd["act"], prev, fwd["other"], dh, dc, dpre)
-        return {"dpre": dpre, "dc": dc}
-    dxp, dhp = (np.full(fwd["act"].shape, np.nan, dt) for _ in range(2))
-    dh_prev = np.full(dh.shape, np.nan, dt)
-    k.gru_backward_step(fwd["act"], fwd["other"], prev, dh, dxp, dhp, dh_prev)
-    return {"dxp": dxp, "dhp": dhp, "dh_prev": dh_prev}
+        got["dc"] = dc.copy()
+    dhp = dxp
+    if cell == "gru":
+        dhp = got["dhp"] = np.full((B, GH), np.nan, dt)
+    window = getattr(cpu, f"{cell}_backward_window")
+    window(fwd["act"][None] if cell != "rnn" else None,
+           fwd["other"][None] if cell == "lstm" else None,
+           fwd["other"][None] if cell == "gru" else None, fwd["h"][None], h0,
+           prev if cell == "lstm" else None, None, dh[None], w_hh, dxp[None], dhp[None],
+           got["dh0"], got.get("dc"))
+    return got
 
 
-@pytest.mark.parametrize("k", [reference, cpu], ids=["reference", "cpu"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("B,H", STEP_SHAPES)
-def test_gate_outputs_may_overwrite_their_inputs(k, cell, B, H):
-    """act may be xp, and the backward's dpre (LSTM) / dxp (GRU) may be act: the same bits
-    as with separate arrays (HostBackend reuses those buffers)."""
+def test_gate_outputs_may_overwrite_their_inputs(cell, B, H):
+    """act may be xp, and the backward's dL/dxp may be act: the same bits as with separate
+    arrays (HostBackend reuses those buffers)."""
     rng = np.random.default_rng(B * H)
-    xp, hp, b_hh, prev, dh, dc = _step_inputs(cell, B, H, np.float32, rng, 2.0)
-    want_f = _forward(k, cell, xp, hp, b_hh, prev)
+    xp, w_hh, b_hh, prev, h0, dh, dc = _step_inputs(cell, B, H, np.float32, rng, 2.0)
+    want_f = _forward(cpu, cell, xp, w_hh, b_hh, prev, h0)
     act = xp.copy()  # the activations land in the input projections' buffer
-    other, h = np.empty_like(prev), np.empty_like(prev)
-    if cell == "lstm":
-        k.lstm_forward_step(act, hp, b_hh, prev, act, other, h)
-    else:
-        k.gru_forward_step(act, hp, b_hh, prev, act, other, h)
-    np.testing.assert_array_equal(act, want_f["act"])
-    np.testing.assert_array_equal(h, want_f["h"])
-    np.testing.assert_array_equal(other, want_f["other"])
-    want_b = _backward(k, cell, want_f, prev, dh, dc)
-    if cell == "lstm":
-        dc2 = dc.copy()
-        k.lstm_backward_step(act, prev, other, dh, dc2, act)
-        got = {"dpre": act, "dc": dc2}
-    else:
-        dhp, dh_prev = np.empty_like(act), np.empty_like(prev)
-        k.gru_backward_step(act, other, prev, dh, act, dhp, dh_prev)
-        got = {"dxp": act, "dhp": dhp, "dh_prev": dh_prev}
+    got_f = _forward(cpu, cell, act, w_hh, b_hh, prev, h0, act=act)
+    for name, want in want_f.items():
+        np.testing.assert_array_equal(got_f[name], want, err_msg=name)
+    want_b = _backward(cpu, cell, want_f, w_hh, prev, h0, dh, dc)
+    got_b = _backward(cpu, cell, got_f, w_hh, prev, h0, dh, dc, out=act)  # dL/dxp over act
     for name, want in want_b.items():
-        np.testing.assert_array_equal(got[name], want, err_msg=name)
+        np.testing.assert_array_equal(got_b[name], want, err_msg=name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("B,H", STEP_SHAPES)
 @pytest.mark.parametrize("scale", [1.0, 60.0])
-def test_step_kernels_match_reference(cell, B, H, dtype, scale):
+def test_one_step_windows_match_reference_steps(cell, B, H, dtype, scale):
     rng = np.random.default_rng(1000 * B + H + int(scale))
-    xp, hp, b_hh, prev, dh, dc = _step_inputs(cell, B, H, dtype, rng, scale)
+    xp, w_hh, b_hh, prev, h0, dh, dc = _step_inputs(cell, B, H, dtype, rng, scale)
     if scale > 1:  # values where a naive 1/(1+exp(-x)) overflows exp in float32
         xp[0, :3] = [-200.0, 200.0, -1e4]
-    ref_f = _forward(reference, cell, xp, hp, b_hh, prev)
-    cpu_f = _forward(cpu, cell, xp, hp, b_hh, prev)
+    ref_f = _forward(reference, cell, xp, w_hh, b_hh, prev, h0)
+    cpu_f = _forward(cpu, cell, xp, w_hh, b_hh, prev, h0)
     # float32 cells use rational tanh/sigmoid, within 4e-7 of exact; that error is scaled by
     # whatever multiplies an activation (c_prev, hn, dh: up to `scale` here).
     tol = {"atol": max(1e-6, 5e-7 * scale)} if dtype == np.float32 else {}
@@ -137,11 +170,14 @@ def test_step_kernels_match_reference(cell, B, H, dtype, scale):
         assert np.isfinite(cpu_f[name]).all(), name
         _close(cpu_f[name], ref_f[name], dtype, err_msg=name, **tol)
     # Backward from the same (reference) activations, so only the backward is compared.
-    ref_b = _backward(reference, cell, ref_f, prev, dh, dc)
-    cpu_b = _backward(cpu, cell, ref_f, prev, dh, dc)
+    ref_b = _backward(reference, cell, ref_f, w_hh, prev, h0, dh, dc)
+    cpu_b = _backward(cpu, cell, ref_f, w_hh, prev, h0, dh, dc)
     for name in ref_b:
         assert np.isfinite(cpu_b[name]).all(), name
-        _close(cpu_b[name], ref_b[name], dtype, err_msg=name, **tol)
+        # dh0 is a product over H of unrounded gradients: the window's float32 sum against
+        # numpy's float64 one (the layer tests' tolerance)
+        extra = {"rtol": 1e-4} if name == "dh0" and dtype == np.float32 else {}
+        _close(cpu_b[name], ref_b[name], dtype, err_msg=name, **{**tol, **extra})
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -150,9 +186,9 @@ def test_sigmoid_saturates_without_overflow(dtype):
     exactly in float64, within the rational approximation's 2.5e-7 in float32."""
     H = 4
     xp = np.array([[1e4, -1e4, 100.0, -100.0] * 4], dtype)  # (1, 4H)
-    zeros = np.zeros((1, 4 * H), dtype)
-    act, c, h = np.empty((1, 4 * H), dtype), np.empty((1, H), dtype), np.empty((1, H), dtype)
-    cpu.lstm_forward_step(xp, zeros, np.zeros(4 * H, dtype), np.zeros((1, H), dtype), act, c, h)
+    zeros = np.zeros((1, H), dtype)
+    f = _forward(cpu, "lstm", xp, np.zeros((4 * H, H), dtype), np.zeros(4 * H, dtype), zeros, zeros)
+    act, h = f["act"], f["h"]
     assert np.isfinite(act).all() and np.isfinite(h).all()
     atol = 2.5e-7 if dtype == np.float32 else 0.0
     np.testing.assert_allclose(act[0, :2], [1.0, 0.0], rtol=0, atol=atol)  # i gate: sigmoid(+-1e4)
@@ -361,13 +397,11 @@ def test_every_threaded_kernel_is_bit_identical_run_to_run():
 
     def run():
         r = np.random.default_rng(12)  # same inputs both times
-        xp, hp = _randn(r, (B, 4 * H), dt), _randn(r, (B, 4 * H), dt)
-        b_hh, prev, dh, dc = _randn(r, (4 * H,), dt), _randn(r, (B, H), dt), _randn(r, (B, H), dt), _randn(r, (B, H), dt)
         out = []
         for cell in CELLS:
-            G = GATES[cell]
-            f = _forward(cpu, cell, xp[:, : G * H], hp[:, : G * H], b_hh[: G * H], prev)
-            out += list(f.values()) + list(_backward(cpu, cell, f, prev, dh, dc).values())
+            xp, w_hh, b_hh, prev, h0, dh, dc = _step_inputs(cell, B, H, dt, r, 1.0)
+            f = _forward(cpu, cell, xp, w_hh, b_hh, prev, h0)
+            out += list(f.values()) + list(_backward(cpu, cell, f, w_hh, prev, h0, dh, dc).values())
         logits = _randn(r, (500, 97), dt, 4.0)
         targets, mask = r.integers(0, 97, 500), np.ones(500, dt)
         d = np.empty_like(logits)

@@ -1,6 +1,7 @@
-"""Numba twins of every kernel in `reference.py`: same names, argument order and meaning;
-plus the window kernels (`*_forward_window`, `*_backward_window`), whose twin is
-HostBackend's per-step loop over the reference kernels.
+"""Numba twins of the kernels in `reference.py`: same names, argument order and meaning.
+The recurrent step kernels' place is taken by window kernels (`*_forward_window`,
+`*_backward_window`: a layer's whole window of steps), whose twin is HostBackend's per-step
+loop over the reference's step kernels; their cell arithmetic is the units functions below.
 
 Every kernel is `@njit(cache=True)` without signatures, so numba specialises it for float32
 or float64 arrays and int32 or int64 ids on first use and caches the machine code on disk.
@@ -38,13 +39,6 @@ from charrnn.kernels.panels import NR, pack_cols, pack_rows, panel_product
 # Thresholds below were measured on 2 cores, omp layer, passive waits (a parallel launch
 # costs ~10 us there); each path gives the same bits, so they only trade speed.
 #
-# Step kernels (~4 ns per LSTM unit forward, ~2 backward, vectorised) thread over batch rows
-# from PAR_MIN = B*H. They ran the training loop between per-step OpenBLAS GEMMs, where
-# threads lost at the sizes we train (3x512, B=64: 3,570 chars/s serial vs 3,270 threaded);
-# training now runs the window kernels below, which thread every step over units, and the
-# step kernels remain the step-level twins of reference.py's (a module without window
-# kernels is stepped through them by HostBackend).
-PAR_MIN = 1 << 16
 # Softmax rows (one exp per element, ~5 ns): threaded from N*V = ROW_PAR_MIN;
 # N=64,V=65: 20 us on one thread, 24 on two; N=256,V=65: 77 vs 51 us.
 ROW_PAR_MIN = 1 << 14
@@ -124,14 +118,13 @@ def _sigmoid_act_impl(x, one):
     return lambda x, one: _sigmoid(x, one)
 
 
-# ---------------------------------------------------------------- recurrent steps
+# ---------------------------------------------------------------- cell arithmetic
 #
 # Each cell's arithmetic is one inline function over a unit range [u0, u1) of one batch row
-# (`_*_units`). The step kernels run it over all H units of each row, threaded over rows from
-# B*H = PAR_MIN; the window kernels below run it over each thread's units, right after that
-# thread's share of the recurrent product. Gate-width rows (xp, hp, act, dpre: G blocks) are
-# passed whole, with their block stride; unit-width rows (c, h, dh, ...) come sliced to the
-# range. Two rules keep every loop vectorised (measured at B=64, H=128: a scalar LSTM forward
+# (`_*_units`). The window kernels below run it over each thread's units, right after that
+# thread's share of the recurrent product; generate_ids over each work item's units.
+# Gate-width rows (xp, hp, act, dpre: G blocks) are passed whole, with their block stride;
+# unit-width rows (c, h, dh, ...) come sliced to the range. Two rules keep every loop vectorised (measured at B=64, H=128: a scalar LSTM forward
 # step costs ~14-28 ns per unit, a vectorised one ~4):
 # - a loop touches at most five arrays: with more, LLVM needs more runtime alias checks
 #   than it will emit (8) and leaves the loop scalar; so the gate non-linearities are one
@@ -188,19 +181,6 @@ def _lstm_fwd_units(x, p, ps, b_hh, cp, cr, hr, a, s, u0, u1):
     _copy_out(s, 4, a, H, u0, u1)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def lstm_forward_step(xp, hp, b_hh, c_prev, act, c, h):
-    """xp, hp (B,4H); b_hh (4H,); c_prev (B,H) -> act (B,4H) = [i,f,g,o] activated, c, h (B,H).
-    act may be xp itself."""
-    B, H = c.shape
-    if B * H < PAR_MIN:
-        s = np.empty(act.shape[1], act.dtype)  # (4H,) scratch row
-        for b in range(B):
-            _lstm_fwd_units(xp[b], hp[b], H, b_hh, c_prev[b], c[b], h[b], act[b], s, 0, H)
-        return
-    for b in prange(B):
-        _lstm_fwd_units(xp[b], hp[b], H, b_hh, c_prev[b], c[b], h[b], act[b], np.empty(act.shape[1], act.dtype), 0, H)
-
 
 @njit(cache=True, inline="always")
 def _lstm_bwd_units(a, cp, cr, dhr, dcr, dp, s, u0, u1):
@@ -225,20 +205,6 @@ def _lstm_bwd_units(a, cp, cr, dhr, dcr, dp, s, u0, u1):
         dcr[j] = dct * f[j]
     _copy_out(s, 4, dp, H, u0, u1)
 
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def lstm_backward_step(act, c_prev, c, dh, dc, dpre):
-    """act (B,4H); c_prev, c (B,H); dh (B,H): dL/dh_t in full.
-    dc (B,H): in = dL/dc_t from step t+1, out = dL/dc_{t-1} (updated in place).
-    dpre (B,4H) out: dL/d(pre-activation), which is both dL/dxp and dL/dhp; may be act."""
-    B, H = c.shape
-    if B * H < PAR_MIN:
-        s = np.empty(dpre.shape[1], dpre.dtype)  # (4H,) scratch row
-        for b in range(B):
-            _lstm_bwd_units(act[b], c_prev[b], c[b], dh[b], dc[b], dpre[b], s, 0, H)
-        return
-    for b in prange(B):
-        _lstm_bwd_units(act[b], c_prev[b], c[b], dh[b], dc[b], dpre[b], np.empty(dpre.shape[1], dpre.dtype), 0, H)
 
 
 # ---------------------------------------------------------------- GRU
@@ -266,19 +232,6 @@ def _gru_fwd_units(x, p, ps, b_hh, hpr, a, hnr, hr, s, u0, u1):
     _copy_out(s, 3, a, H, u0, u1)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def gru_forward_step(xp, hp, b_hh, h_prev, act, hn, h):
-    """xp, hp (B,3H); b_hh (3H,); h_prev (B,H) -> act (B,3H) = [r,z,n], hn (B,H) = W_hn h + b_hn, h (B,H).
-    act may be xp itself."""
-    B, H = h.shape
-    if B * H < PAR_MIN:
-        s = np.empty(act.shape[1], act.dtype)  # (3H,) scratch row
-        for b in range(B):
-            _gru_fwd_units(xp[b], hp[b], H, b_hh, h_prev[b], act[b], hn[b], h[b], s, 0, H)
-        return
-    for b in prange(B):
-        _gru_fwd_units(xp[b], hp[b], H, b_hh, h_prev[b], act[b], hn[b], h[b], np.empty(act.shape[1], act.dtype), 0, H)
-
 
 @njit(cache=True, inline="always")
 def _gru_bwd_units(a, hnr, hpr, dhr, dx, dp, dhpr, s, u0, u1):
@@ -305,21 +258,6 @@ def _gru_bwd_units(a, hnr, hpr, dhr, dx, dp, dhpr, s, u0, u1):
     _copy_out(s, 3, dx, H, u0, u1)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def gru_backward_step(act, hn, h_prev, dh, dxp, dhp, dh_prev):
-    """act (B,3H); hn, h_prev, dh (B,H) -> dxp (B,3H) = dL/dxp (may be act), dhp (B,3H) =
-    dL/dhp (b_hh included), dh_prev (B,H) = the direct path z * dh (the W_hh path is added
-    by the caller)."""
-    B, H = dh.shape
-    if B * H < PAR_MIN:
-        s = np.empty(dxp.shape[1], dxp.dtype)  # (3H,) scratch row
-        for b in range(B):
-            _gru_bwd_units(act[b], hn[b], h_prev[b], dh[b], dxp[b], dhp[b], dh_prev[b], s, 0, H)
-        return
-    for b in prange(B):
-        _gru_bwd_units(act[b], hn[b], h_prev[b], dh[b], dxp[b], dhp[b], dh_prev[b],
-                       np.empty(dxp.shape[1], dxp.dtype), 0, H)
-
 
 # ---------------------------------------------------------------- vanilla RNN (tanh)
 
@@ -332,17 +270,6 @@ def _rnn_fwd_units(x, p, b_hh, hr, u0, u1):
         hr[j] = _tanh_act(xk[j] + pk[j] + bk[j])
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def rnn_forward_step(xp, hp, b_hh, h):
-    """xp, hp (B,H); b_hh (H,) -> h (B,H) = tanh(xp + hp + b_hh)."""
-    B, H = h.shape
-    if B * H < PAR_MIN:
-        for b in range(B):
-            _rnn_fwd_units(xp[b], hp[b], b_hh, h[b], 0, H)
-        return
-    for b in prange(B):
-        _rnn_fwd_units(xp[b], hp[b], b_hh, h[b], 0, H)
-
 
 @njit(cache=True, inline="always")
 def _rnn_bwd_units(hr, dhr, d):
@@ -350,17 +277,6 @@ def _rnn_bwd_units(hr, dhr, d):
     for j in range(d.shape[0]):
         d[j] = dhr[j] * (one - hr[j] * hr[j])
 
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def rnn_backward_step(h, dh, dpre):
-    """h, dh (B,H) -> dpre (B,H) = dL/d(pre-activation) = dL/dxp = dL/dhp."""
-    B, H = h.shape
-    if B * H < CHEAP_PAR_MIN:  # no transcendental here: arithmetic only
-        for b in range(B):
-            _rnn_bwd_units(h[b], dh[b], dpre[b])
-        return
-    for b in prange(B):
-        _rnn_bwd_units(h[b], dh[b], dpre[b])
 
 
 # ---------------------------------------------------------------- recurrent windows
