@@ -1121,7 +1121,9 @@ def _generate_ids(cell, residual, table, w_ih, b_ih, w_hh, b_hh, dec_w, dec_b, h
     for i in range(cnt.shape[0]):
         cnt[i] = 0
     for me in prange(S):
-        _gen_worker(me, S, cnt, code, residual, table, w_ih, b_ih, w_hh, b_hh, dec_w, dec_b, hs,
+        # int64: the parallel body sees the prange index as uint64, and a second signature
+        # would compile the worker twice (~11 s each, cold)
+        _gen_worker(np.int64(me), S, cnt, code, residual, table, w_ih, b_ih, w_hh, b_hh, dec_w, dec_b, hs,
                     cs, zh, zc, xs, xp, hp, act, hn, logits, start_id, temperature, top_k,
                     top_p, u, eos_id, out)
     T = u.shape[0]
