@@ -409,6 +409,23 @@ def _forward_input(t, h0, hs, hin, masked):
     return hin[t % 2] if masked else (h0 if t == 0 else hs[t - 1])
 
 
+@njit(cache=True, inline="always")
+def _forward_part(part, parts, Q, H, src, P, hp):
+    """A forward step's start on one part: its units [u0, u1), their recurrent products."""
+    q0, q1, u0, u1 = _units(part, parts, Q, H)
+    _products(src, P, hp, q0, q1)
+    return u0, u1
+
+
+@njit(cache=True, inline="always")
+def _forward_part_done(t, hs, hmask, hin, masked, u0, u1, cnt, parts):
+    """A forward step's end on one part: its h_t masked into the next step's input (when
+    there is a mask), and the item counted done."""
+    if masked:
+        _masked_units(hs[t], hmask, hin[(t + 1) % 2], u0, u1)
+    _done(cnt, parts)
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
 def _lstm_forward_window(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs, threads):
     T, B, H = hs.shape
@@ -422,14 +439,11 @@ def _lstm_forward_window(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs, threads
             for i in range(parts):
                 part = (me + i) % parts
                 if _take(cnt, part, t):
-                    q0, q1, u0, u1 = _units(part, parts, Q, H)
-                    _products(src, P, hp, q0, q1)
+                    u0, u1 = _forward_part(part, parts, Q, H, src, P, hp)
                     for b in range(B):
                         _lstm_fwd_units(xp[t, b], hp[b], Q * NR, b_hh, c_prev[b, u0:u1],
                                         cs[t, b, u0:u1], hs[t, b, u0:u1], act[t, b], s, u0, u1)
-                    if masked:
-                        _masked_units(hs[t], hmask, hin[(t + 1) % 2], u0, u1)
-                    _done(cnt, parts)
+                    _forward_part_done(t, hs, hmask, hin, masked, u0, u1, cnt, parts)
             _step_end(cnt, parts, t)
 
 
@@ -446,14 +460,11 @@ def _gru_forward_window(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs, threads)
             for i in range(parts):
                 part = (me + i) % parts
                 if _take(cnt, part, t):
-                    q0, q1, u0, u1 = _units(part, parts, Q, H)
-                    _products(src, P, hp, q0, q1)
+                    u0, u1 = _forward_part(part, parts, Q, H, src, P, hp)
                     for b in range(B):
                         _gru_fwd_units(xp[t, b], hp[b], Q * NR, b_hh, h_prev[b, u0:u1],
                                        act[t, b], hn[t, b, u0:u1], hs[t, b, u0:u1], s, u0, u1)
-                    if masked:
-                        _masked_units(hs[t], hmask, hin[(t + 1) % 2], u0, u1)
-                    _done(cnt, parts)
+                    _forward_part_done(t, hs, hmask, hin, masked, u0, u1, cnt, parts)
             _step_end(cnt, parts, t)
 
 
@@ -468,13 +479,10 @@ def _rnn_forward_window(xp, w_hh, b_hh, h0, c0, hmask, act, cs, hn, hs, threads)
             for i in range(parts):
                 part = (me + i) % parts
                 if _take(cnt, part, t):
-                    q0, q1, u0, u1 = _units(part, parts, Q, H)
-                    _products(src, P, hp, q0, q1)
+                    u0, u1 = _forward_part(part, parts, Q, H, src, P, hp)
                     for b in range(B):
                         _rnn_fwd_units(xp[t, b], hp[b], b_hh, hs[t, b, u0:u1], u0, u1)
-                    if masked:
-                        _masked_units(hs[t], hmask, hin[(t + 1) % 2], u0, u1)
-                    _done(cnt, parts)
+                    _forward_part_done(t, hs, hmask, hin, masked, u0, u1, cnt, parts)
             _step_end(cnt, parts, t)
 
 
