@@ -78,7 +78,6 @@ def cas(typingctx, a, i, expected, new):
     return types.boolean(a, i, expected, new), codegen
 
 
-
 @intrinsic
 def _yield_cpu(typingctx):
     # sched_yield(2), resolved in the running process when the code is loaded; nothing on

@@ -1053,9 +1053,9 @@ def _gen_worker(me, S, cnt, code, residual, table, w_ih, b_ih, w_hh, b_hh, dec_w
     cur = start_id
     for t in range(T):
         old, new = t & 1, 1 - (t & 1)
-        fresh = t == 0 or cur == eos_id  # no products from the last draw phase
-        h_old = zh if (t > 0 and cur == eos_id) else hs[old]
-        c_old = zc if (t > 0 and cur == eos_id) else cs[old]
+        reset = t > 0 and cur == eos_id  # the last draw was an end token
+        h_old = zh if reset else hs[old]
+        c_old = zc if reset else cs[old]
         for q in range(L + 1):
             n = nb if q < L else 1 + (nb if t + 1 < T else 0)
             for i in range(S):
@@ -1068,9 +1068,10 @@ def _gen_worker(me, S, cnt, code, residual, table, w_ih, b_ih, w_hh, b_hh, dec_w
                     if atomics.cas(cnt, s * PAD, v, v + 1):
                         item = lo + v - base[s]
                         if q < L:
-                            _gen_layer_item(item, q, code, residual, cur, q > 0 or fresh, table,
-                                            w_ih, b_ih, w_hh, b_hh, h_old, hs[new], c_old,
-                                            cs[new], xs, xp, hp, act, hn, s_row)
+                            _gen_layer_item(item, q, code, residual, cur,
+                                            q > 0 or t == 0 or reset, table, w_ih, b_ih, w_hh,
+                                            b_hh, h_old, hs[new], c_old, cs[new], xs, xp, hp,
+                                            act, hn, s_row)
                         elif item == 0:
                             _gen_draw(t, xs[L - 1], dec_w, dec_b, logits, temperature, top_k,
                                       top_p, u, out)

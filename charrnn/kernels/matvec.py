@@ -24,13 +24,11 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from charrnn.kernels.panels import _as_i64
+from charrnn.kernels.panels import _I32, _I64, _as_i64
 
 ROWS = 4  # rows per kernel call: 2 * ROWS accumulators + 2 x vectors + 1 weight <= 16 ymm
 LANES = 8
 STEP = 2 * LANES  # elements of a row per loop iteration
-_I64 = ir.IntType(64)
-_I32 = ir.IntType(32)
 
 
 def _weight_loader(builder, wty, fty):
