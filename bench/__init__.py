@@ -3,6 +3,8 @@
 `python -m bench.run` (the `make bench` target) times every workload of `workloads.py`, each
 implementation in its own worker process (`python -m bench.worker ROW IMPL`), so peak RSS is
 per config and one implementation's threads or allocations never colour another's figures.
+A full run measures every row in two rounds, its implementations back to back and in reverse
+order the second time, so a ratio compares figures taken minutes apart.
 It then rewrites its section of BENCHMARKS.md and keeps the hand-written notes below the
 marker line.
 

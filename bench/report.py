@@ -40,12 +40,28 @@ class Cell:
 
     values: list[float] = field(default_factory=list)  # per-repeat rates, seconds, or [MiB]
     note: str = ""  # why there are no values: n/a (...), error: ...
-    rss_mib: float | None = None  # the worker process's peak RSS
+    rss_mib: float | None = None  # the worker process's peak RSS (the highest of its rounds)
+    file_mib: float | None = None  # the part of it mapped from files (libraries)
     info: dict = field(default_factory=dict)
+    rounds: list[float] = field(default_factory=list)  # each round's median
 
     @property
     def median(self) -> float | None:
         return spread(self.values)[0] if self.values else None
+
+
+def merge(a: Cell | None, b: Cell) -> Cell:
+    """One implementation's cell after another round: the repeats pooled, the higher peak
+    RSS. A round without figures (an error, n/a) makes the whole cell say so: a figure from
+    the rounds that did run would not be what the row claims to measure."""
+    if a is None or (a.values and not b.values):
+        return b
+    if not a.values:
+        return a
+    rss = max((m for m in (a.rss_mib, b.rss_mib) if m is not None), default=None)
+    peak = b if rss == b.rss_mib else a  # the file-backed part of the process with that peak
+    return Cell(values=a.values + b.values, rss_mib=rss, file_mib=peak.file_mib, info=a.info,
+                rounds=a.rounds + b.rounds)
 
 
 def _num(x: float, unit: str) -> str:
@@ -78,6 +94,21 @@ def ratio(w: Workload, cells: dict[str, Cell]) -> float | None:
     return ours.median / best if best else None
 
 
+def round_ratios(w: Workload, cells: dict[str, Cell]) -> list[float]:
+    """ratio() within each round (throughput rows): figures taken minutes apart, not hours."""
+    ours = cells.get(CHARRNN)
+    theirs = [cells[i].rounds for i in (TORCH, TORCH_NODNNL) if i in cells and cells[i].values]
+    if ours is None or not theirs or not w.higher_is_better:
+        return []
+    n = min(len(ours.rounds), *(len(t) for t in theirs))
+    out = []
+    for r in range(n):
+        best = max(t[r] for t in theirs)
+        if best:
+            out.append(ours.rounds[r] / best)
+    return out if n > 1 else []
+
+
 def verdict(w: Workload, cells: dict[str, Cell]) -> str:
     g = w.goal
     if g is None:
@@ -104,6 +135,9 @@ def table(rows: list[Workload], results: dict[str, dict[str, Cell]], gpu: bool =
         r = ratio(w, cells)
         if r is not None:
             rtext = f"{r:.2f}x"
+            each = round_ratios(w, cells)
+            if each:
+                rtext += " (" + ", ".join(f"{x:.2f}" for x in each) + ")"
         elif w.kind == "cli" or (TORCH not in w.impls):
             rtext = "—"
         else:
@@ -130,10 +164,15 @@ def rss_table(rows: list[Workload], results: dict[str, dict[str, Cell]]) -> str:
              "|---|" + "---:|" * len(impls)]
     for w in measured:
         cells = results.get(w.name, {})
-        row = [f"{c.rss_mib:,.0f}" if (c := cells.get(i)) is not None and c.rss_mib else "—"
-               for i in impls]
+        row = [_rss_text(cells.get(i)) for i in impls]
         lines.append(f"| {w.name} | " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _rss_text(c: Cell | None) -> str:
+    if c is None or not c.rss_mib:
+        return "—"
+    return f"{c.rss_mib:,.0f}" + (f" ({c.file_mib:,.0f} file)" if c.file_mib else "")
 
 
 def errors(rows: list[Workload], results: dict[str, dict[str, Cell]]) -> list[str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bench import cli_time, machine, report
 from bench.report import Cell
+from bench.timing import spread
 from bench.worker import MARK
 from bench.workloads import (
     ALL,
@@ -33,6 +34,9 @@ from bench.workloads import (
 ROOT = Path(__file__).resolve().parent.parent
 WORKER_TIMEOUT_S = {False: 900, True: 300}  # full, quick
 CLI_REPEATS = {False: (5, 3), True: (2, 1)}  # (warm, first run) for full, quick
+# (rounds, timed repeats a worker) for full, quick (None: the worker's plan). Full: 2 rounds
+# of 3 repeats, so each figure pools 6 repeats from two processes.
+ROUNDS = {False: (2, 3), True: (1, None)}
 
 
 def log(msg: str) -> None:
@@ -40,8 +44,9 @@ def log(msg: str) -> None:
     sys.stderr.flush()
 
 
-def run_worker(w, impl: str, quick: bool, timeout_s: float) -> Cell:
+def run_worker(w, impl: str, quick: bool, timeout_s: float, repeats: int | None = None) -> Cell:
     cmd = [sys.executable, "-m", "bench.worker", w.name, impl] + (["--quick"] if quick else [])
+    cmd += ["--repeats", str(repeats)] if repeats else []
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
                               timeout=timeout_s, stdin=subprocess.DEVNULL)
@@ -57,28 +62,44 @@ def run_worker(w, impl: str, quick: bool, timeout_s: float) -> Cell:
         return Cell(note=f"error: {res['error']}", rss_mib=res.get("peak_rss_mib"))
     if "na" in res:
         return Cell(note=f"n/a ({res['na']})")
-    return Cell(values=res["rates"], rss_mib=res["peak_rss_mib"], info=res.get("info", {}))
+    return Cell(values=res["rates"], rss_mib=res["peak_rss_mib"], file_mib=res.get("file_rss_mib"),
+                info=res.get("info", {}), rounds=[spread(res["rates"])[0]])
+
+
+def schedule(rows, rounds: int) -> list[tuple]:
+    """(workload, impl) worker runs: every implementation of every measured row (and of the
+    rows an RSS row reads), in `rounds` rounds. Within a row the implementations run back to
+    back, in reverse order every other round (ABBA): other tenants' load drifts over minutes,
+    and a ratio of two figures taken ten minutes apart measured that drift as much as our
+    code (one run read 2x256 at 1.78x, the next, half an hour later, at 1.05x)."""
+    need = [w.name for w in rows if w.kind in ("train", "sample", "names")]
+    need += [w.source for w in rows if w.kind == "rss" and w.source not in need]
+    impls = {n: list(ALL[n].impls) for n in need}
+    borrowed = {ALL[n].torch_from for n in need if ALL[n].torch_from} - set(need)  # their torch cells only
+    impls.update({n: [i for i in ALL[n].impls if i != CHARRNN] for n in sorted(borrowed)})
+    jobs = []
+    for n, row_impls in impls.items():
+        for r in range(rounds):
+            jobs += [(ALL[n], i) for i in (row_impls if r % 2 == 0 else row_impls[::-1])]
+    return jobs
 
 
 def measure_workers(rows, quick: bool, results: dict, timeout_s: float) -> None:
-    """Every implementation of every measured row (and of the rows an RSS row reads)."""
     have_torch = importlib.util.find_spec("torch") is not None
-    need = [w.name for w in rows if w.kind in ("train", "sample", "names")]
-    need += [w.source for w in rows if w.kind == "rss" and w.source not in need]
-    jobs = [(ALL[n], impl) for n in need for impl in ALL[n].impls]
-    borrowed = {ALL[n].torch_from for n in need if ALL[n].torch_from} - set(need)  # their torch cells only
-    jobs += [(ALL[n], impl) for n in sorted(borrowed) for impl in ALL[n].impls if impl != CHARRNN]
+    rounds, repeats = ROUNDS[quick]
+    jobs = schedule(rows, rounds)
     for i, (w, impl) in enumerate(jobs, 1):
         if impl != CHARRNN and not have_torch:
             results.setdefault(w.name, {})[impl] = Cell(note="n/a (no torch)")
             continue
         t0 = time.perf_counter()
         log(f"[{i}/{len(jobs)}] {w.name} {IMPL_TITLES[impl]} ...")
-        cell = run_worker(w, impl, quick, timeout_s)
-        results.setdefault(w.name, {})[impl] = cell
+        cell = run_worker(w, impl, quick, timeout_s, repeats)
+        row = results.setdefault(w.name, {})
+        row[impl] = report.merge(row.get(impl), cell)
         log(f"      {report.cell_text(cell, w.unit)} {w.unit}, peak RSS "
             f"{cell.rss_mib or 0:,.0f} MiB, {time.perf_counter() - t0:.1f} s")
-    for n in need:  # rows that show another row's torch cells
+    for n in {w.name for w, _ in jobs}:  # rows that show another row's torch cells
         if ALL[n].torch_from and n in results:
             theirs = results.get(ALL[n].torch_from, {})
             results[n].update({i: c for i, c in theirs.items() if i != CHARRNN})
@@ -148,15 +169,19 @@ def header(args, rows, results: dict) -> list[str]:
     if args.quick:
         lines.append("- Mode: quick smoke run (1 warm-up call, 2 short repeats): **not for decisions**")
     else:
-        lines.append("- Mode: full (2 untimed warm-up calls, then 5 repeats of ~3 s each)")
+        rounds, repeats = ROUNDS[False]
+        lines.append(f"- Mode: full: {rounds} rounds, implementations back to back within a row and "
+                     f"in reverse order the second round; each worker 2 untimed warm-up calls, "
+                     f"then {repeats} repeats of ~3 s")
     return lines
 
 
 def render(args, rows, results: dict) -> str:
     title = "## GPU results" if args.gpu else "## CPU results"
-    notes = [("Figures are the median (min–max) over the repeats. ratio = charrnn / the faster "
-              "torch column (RSS: charrnn / torch; lower is better). Random weights and tokens, "
-              "E = H, V = 65 (names: 27 with the end token).")]
+    notes = [("Figures are the median (min–max) over the repeats of all rounds. ratio = charrnn / "
+              "the faster torch column (RSS: charrnn / torch; lower is better), then in brackets "
+              "the same ratio within each round. Random weights and tokens, E = H, V = 65 (names: "
+              "27 with the end token).")]
     kinds = {w.kind for w in rows}
     if kinds & {"train", "rss"}:
         notes.append("Training is a full step on both sides: forward, cross-entropy, backward, "
@@ -184,7 +209,10 @@ def render(args, rows, results: dict) -> str:
     rss = report.rss_table(rows, results)
     if rss:
         parts += ["", ("Peak RSS (MiB) of each worker process (VmHWM: interpreter, "
-                       "libraries, model, activations, optimizer state):"), "", rss]
+                       "libraries, model, activations, optimizer state; the highest of its "
+                       "rounds), and in brackets the part mapped from files (the libraries' "
+                       "code and data; it depends on how those files entered the page cache, "
+                       "see `bench/worker.py`):"), "", rss]
     errs = report.errors(rows, results)
     if errs:
         parts += ["", "Errors:", "", *errs]

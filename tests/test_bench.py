@@ -69,6 +69,63 @@ def test_verdicts_use_the_faster_torch_path_and_lower_is_better_for_memory():
     assert verdict(_row("ratio_min", 1.3), {CHARRNN: Cell([300.0])}) == "n/a"  # no torch
 
 
+def test_rounds_alternate_the_order_within_a_row_and_borrowed_rows_run_torch_only():
+    from bench.run import schedule
+    from bench.workloads import ALL
+
+    jobs = [(w.name, i) for w, i in schedule([ALL["train-2x128"], ALL["train-3x512-recompute"]], 2)]
+    assert jobs[:4] == [("train-2x128", CHARRNN), ("train-2x128", TORCH),
+                        ("train-2x128", TORCH), ("train-2x128", CHARRNN)]  # ABBA
+    assert ("train-3x512", CHARRNN) not in jobs  # only its torch cells are shown
+    assert jobs.count(("train-3x512", TORCH)) == 2 and jobs.count(("train-3x512-recompute", CHARRNN)) == 2
+    rss_only = [(w.name, i) for w, i in schedule([ALL["rss-3x512"]], 1)]
+    assert rss_only == [("train-3x512", CHARRNN), ("train-3x512", TORCH)]  # the row it reads
+
+
+def test_merged_rounds_pool_the_repeats_keep_the_higher_peak_and_an_error_stands():
+    from bench.report import merge, round_ratios
+
+    a = Cell([10.0, 12.0], rss_mib=500.0, file_mib=90.0, rounds=[11.0])
+    b = Cell([20.0], rss_mib=520.0, file_mib=100.0, rounds=[20.0])
+    m = merge(merge(None, a), b)
+    assert m.values == [10.0, 12.0, 20.0] and m.rounds == [11.0, 20.0]
+    assert (m.rss_mib, m.file_mib) == (520.0, 100.0)
+    err = Cell(note="error: boom")
+    assert merge(m, err).note == "error: boom" and merge(err, m).note == "error: boom"
+    theirs = Cell([5.0, 8.0], rounds=[5.0, 8.0])
+    row = _row("ratio_min", 1.3)
+    assert round_ratios(row, {CHARRNN: m, TORCH: theirs}) == pytest.approx([11 / 5, 20 / 8])
+    assert round_ratios(row, {CHARRNN: a, TORCH: Cell([5.0], rounds=[5.0])}) == []  # one round
+
+
+def test_a_full_run_gives_every_worker_the_rounds_repeats_and_reports_each_rounds_ratio(monkeypatch, capsys):
+    import json
+
+    from bench import run
+    from bench.worker import MARK
+
+    calls = []
+
+    def fake_worker(cmd, **kw):
+        impl = cmd[cmd.index("bench.worker") + 2]
+        calls.append(cmd)
+        rate = {CHARRNN: 300.0, TORCH: 100.0 * len(calls)}[impl]  # torch speeds up each run
+        res = {"rates": [rate] * 3, "units": 1, "first_s": 0.0, "peak_rss_mib": 400.0 + len(calls),
+               "file_rss_mib": 80.0, "info": {}}
+        return subprocess.CompletedProcess(cmd, 0, MARK + json.dumps(res) + "\n", "")
+
+    monkeypatch.setattr(run.subprocess, "run", fake_worker)
+    monkeypatch.setattr(run, "cli_rows", lambda *a: None)
+    assert run.main(["--only", "train-2x128,rss-3x512"]) == 0
+    rounds, repeats = run.ROUNDS[False]
+    assert len(calls) == 2 * 2 * rounds  # two rows read, two implementations, each round
+    assert all(c[c.index("--repeats") + 1] == str(repeats) for c in calls)
+    out = capsys.readouterr().out
+    # train-2x128: torch ran 2nd (200) then 3rd (300): pooled 1.2x, 1.50 and 1.00 by round
+    assert "| 1.20x (1.50, 1.00) |" in out
+    assert "| train-3x512 | 408 (80 file) | 407 (80 file) | — |" in out  # the higher peaks
+
+
 def test_update_file_replaces_its_section_and_keeps_the_rest(tmp_path):
     path = tmp_path / "BENCHMARKS.md"
     update_file(path, "gpu", "## GPU\nfirst gpu")
