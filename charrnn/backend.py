@@ -50,6 +50,10 @@ class LayerCache:
     def gates_dropped(self) -> bool:
         return self.cell != "rnn" and self.act is None
 
+    @property
+    def states_dropped(self) -> bool:
+        return self.hs is None
+
 
 class HostBackend:
     """The per-step design over an array module `xp` (numpy here; CudaBackend subclasses it
@@ -122,6 +126,32 @@ class HostBackend:
         cache.act, cache.cs, cache.hn = self._gate_buffers(cache.cell, xp, cache.hs.shape[2])
         self._forward_steps(cache.cell, xp, w_hh, b_hh, cache.h0, cache.c0, cache.hmask, cache.hs,
                             cache.act, cache.cs, cache.hn)
+
+    def drop_states(self, cache: LayerCache) -> bool:
+        """Forget the states the gates determine: LSTM c and h, GRU h (RNN keeps h: it has
+        no gates). rebuild_states recomputes them bit for bit with an element-wise scan, ~1%
+        of a layer's forward, where a layer's recompute (LayerCache.drop_gates) reruns its
+        GEMMs. The model drops them for the layers below the top, whose backward comes
+        last: at 3x512 that is 25 MiB a layer off the peak. False where the kernel module
+        has no such scan (cuda.py) or the gates are gone."""
+        if cache.act is None or not hasattr(self.k, f"{cache.cell}_states_from_gates"):
+            return False
+        cache.hs = cache.cs = None
+        return True
+
+    def rebuild_states(self, cache: LayerCache) -> None:
+        """Refill what drop_states forgot (nothing if it is there)."""
+        if not cache.states_dropped:
+            return
+        X = self.xp
+        T, B, GH = cache.act.shape
+        H = GH // GATES[cache.cell]
+        cache.hs = X.empty((T, B, H), cache.act.dtype)
+        if cache.cell == "lstm":
+            cache.cs = X.empty((T, B, H), cache.act.dtype)
+            self.k.lstm_states_from_gates(cache.act, _c(X, cache.c0), cache.cs, cache.hs)
+        else:
+            self.k.gru_states_from_gates(cache.act, _c(X, cache.h0), cache.hs)
 
     def _gate_buffers(self, cell, xp, H):
         """Where a window's forward writes: act (T,B,G*H) (xp itself when reusing), cs and hn (T,B,H)."""

@@ -160,6 +160,8 @@ class CharRNN:
         layers, h_out, c_out = [], [], []
         for k in range(L):
             xp = self._input_projection(k, x, flat_ids, table, T, B)
+            if k > 0:
+                x = self._drop_states_below(k, x, layers, h_out, c_out)
             hmask = be.asarray(_dropout_mask(rng, (B, H), cfg.rec_dropout, self.dtype)) if rec_drop else None
             c0 = state.c[k] if state.c is not None else None
             hs, hT, cT, lc = be.layer_forward(cfg.cell, xp, p[f"rnn.weight_hh_l{k}"], p[f"rnn.bias_hh_l{k}"],
@@ -180,6 +182,21 @@ class CharRNN:
         new_state = State(xpm.stack(h_out), xpm.stack(c_out) if cfg.cell == "lstm" else None)
         cache = {"ids": flat_ids, "T": T, "B": B, "top": x, "layers": layers, "table": table}
         return logits.reshape(T, B, cfg.vocab_size), new_state, cache
+
+    def _drop_states_below(self, k: int, x, layers: list, h_out: list, c_out: list):
+        """Once layer k has its input projections, the layer below forgets its states (see
+        HostBackend.drop_states) until its backward, which comes after layer k's. Returns
+        what to keep as layer k's input for its weight gradient: None when that input is the
+        forgotten h itself (no residual, no dropout); the backward then rebuilds it."""
+        below = layers[k - 1][1]
+        hs = below.hs
+        if not self.backend.drop_states(below):  # no scan on this backend, or recomputed gates
+            return x
+        # the final state's rows are views: alone they would keep the whole window alive
+        h_out[k - 1] = h_out[k - 1].copy()
+        if c_out[k - 1] is not None:
+            c_out[k - 1] = c_out[k - 1].copy()
+        return None if (x is hs and not self.cfg.residual) else x
 
     # -- loss -----------------------------------------------------------------------
     def loss(self, logits, targets, mask=None):
@@ -218,11 +235,12 @@ class CharRNN:
             x, lc, dmask = cache["layers"][k]
             cache["layers"][k] = None
             if dmask is not None:
-                dy = dy * dmask
+                dy *= dmask  # in place: dy is this pass's own array
             if lc.gates_dropped:
                 xp = self._input_projection(k, x, cache["ids"], cache["table"], T, B)
                 be.recompute_gates(lc, xp, p[f"rnn.weight_hh_l{k}"], p[f"rnn.bias_hh_l{k}"])
                 del xp  # lc holds it now (as the activations, when the backend reuses buffers)
+            be.rebuild_states(lc)
             dxp, dw_hh, db_hh, _, _ = be.layer_backward(lc, dy, p[f"rnn.weight_hh_l{k}"])
             del lc
             g[f"rnn.weight_hh_l{k}"] = dw_hh
@@ -230,13 +248,21 @@ class CharRNN:
             GH = dxp.shape[2]
             dxp2 = dxp.reshape(T * B, GH)
             if k > 0:
+                if x is None:  # the layer below's h, forgotten with its states
+                    below = cache["layers"][k - 1][1]
+                    be.rebuild_states(below)
+                    x = below.hs
                 g[f"rnn.weight_ih_l{k}"] = dxp2.T @ x.reshape(T * B, H)
                 # LSTM and RNN: both biases sit in the same sum, so their gradients are equal
                 g[f"rnn.bias_ih_l{k}"] = dxp2.sum(axis=0) if cfg.cell == "gru" else db_hh.copy()
-                dx = (dxp2 @ p[f"rnn.weight_ih_l{k}"]).reshape(T, B, H)
-                if cfg.residual:  # y = h + x: the gradient reaches x both ways
-                    dx += dy
-                dy = dx
+                # y = h + x: with a residual the gradient reaches x both ways; without one,
+                # dy is spent and goes before dx exists (one (T,B,H) array less at the peak)
+                through = dy if cfg.residual else None
+                dy = None
+                dy = (dxp2 @ p[f"rnn.weight_ih_l{k}"]).reshape(T, B, H)
+                if through is not None:
+                    dy += through
+                del through
             else:
                 dtable = be.scatter_add_rows(cache["ids"], dxp2, V)  # (V, G*H)
                 g["encoder.weight"] = dtable @ p["rnn.weight_ih_l0"]

@@ -456,6 +456,54 @@ def test_layer_forward_backward_match_reference_backend(cell, with_hmask, dtype,
             _close(a, b, dtype, rtol=1e-4 if dtype == np.float32 else 1e-11)
 
 
+@pytest.mark.parametrize("T,B,H", [(6, 3, 17), (1, 13, 48), (9, 64, 128)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("name,k", [("reference", reference), ("cpu", cpu)], ids=["reference", "cpu"])
+def test_states_rebuilt_from_the_gates_are_the_forwards_bits(name, k, cell, dtype, T, B, H):
+    """HostBackend.drop_states forgets a layer's c and h (GRU: h) and rebuild_states scans
+    them back from its gates: the backward must see the very values the forward wrote, on
+    both backends, or dropping them would change the gradients."""
+    rng = np.random.default_rng(T * B + H)
+    GH = GATES[cell] * H
+    xp = _randn(rng, (T, B, GH), dtype, 3.0)  # saturated gates too
+    w_hh, b_hh = _randn(rng, (GH, H), dtype, 0.3), _randn(rng, (GH,), dtype)
+    h0 = _randn(rng, (B, H), dtype)
+    c0 = _randn(rng, (B, H), dtype, 5.0) if cell == "lstm" else None
+    be = HostBackend(name, k)
+    _, _, _, cache = be.layer_forward(cell, xp, w_hh, b_hh, h0, c0, None)
+    hs, cs = cache.hs.copy(), None if cache.cs is None else cache.cs.copy()
+    assert be.drop_states(cache) and cache.states_dropped and cache.cs is None
+    be.rebuild_states(cache)
+    np.testing.assert_array_equal(cache.hs, hs)
+    if cell == "lstm":
+        np.testing.assert_array_equal(cache.cs, cs)
+    rebuilt = cache.hs
+    be.rebuild_states(cache)  # nothing to do: the same arrays stay
+    assert cache.hs is rebuilt
+
+
+def test_the_state_scans_match_the_reference_on_any_gates():
+    """The cpu scans against reference.py on fresh gates (not a forward's), float64 and float32
+    (1 ulp: the cpu's rational tanh in float32)."""
+    rng = np.random.default_rng(11)
+    for dtype in DTYPES:
+        T, B, H = 7, 5, 37
+        act4 = rng.random((T, B, 4 * H)).astype(dtype)
+        act4[..., 2 * H : 3 * H] = 2 * act4[..., 2 * H : 3 * H] - 1  # g in (-1, 1)
+        c0, h0 = _randn(rng, (B, H), dtype, 2.0), _randn(rng, (B, H), dtype)
+        got = [np.empty((T, B, H), dtype) for _ in range(2)]
+        want = [np.empty((T, B, H), dtype) for _ in range(2)]
+        cpu.lstm_states_from_gates(act4, c0, *got)
+        reference.lstm_states_from_gates(act4, c0, *want)
+        for a, b in zip(got, want):
+            _close(a, b, dtype)
+        act3 = rng.random((T, B, 3 * H)).astype(dtype)
+        cpu.gru_states_from_gates(act3, h0, got[1])
+        reference.gru_states_from_gates(act3, h0, want[1])
+        _close(got[1], want[1], dtype)
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_window_kernels_do_not_depend_on_the_thread_split(cell):
     """Bit-exact resume: a window's results are the same bits whether its units are split

@@ -46,6 +46,18 @@ def lstm_forward_step(xp, hp, b_hh, c_prev, act, c, h):
     h[...] = o * np.tanh(c)
 
 
+def lstm_states_from_gates(act, c0, cs, hs):
+    """act (T,B,4H) activated gates; c0 (B,H) -> cs, hs (T,B,H): the states the forward
+    computed from those gates, by lstm_forward_step's own expressions (so the same bits)."""
+    H = cs.shape[2]
+    for t in range(act.shape[0]):
+        a = act[t]
+        i, f, g, o = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :]
+        c_prev = c0 if t == 0 else cs[t - 1]
+        cs[t] = f * c_prev + i * g
+        hs[t] = o * np.tanh(cs[t])
+
+
 def lstm_backward_step(act, c_prev, c, dh, dc, dpre):
     """act (B,4H); c_prev, c (B,H); dh (B,H): dL/dh_t in full.
     dc (B,H): in = dL/dc_t from step t+1, out = dL/dc_{t-1} (updated in place).
@@ -76,6 +88,15 @@ def gru_forward_step(xp, hp, b_hh, h_prev, act, hn, h):
     act[:, 2 * H :] = np.tanh(xp[:, 2 * H :] + r * hn)
     n = act[:, 2 * H :]
     h[...] = (1.0 - z) * n + z * h_prev
+
+
+def gru_states_from_gates(act, h0, hs):
+    """act (T,B,3H) activated gates; h0 (B,H) -> hs (T,B,H) by gru_forward_step's expression."""
+    H = hs.shape[2]
+    for t in range(act.shape[0]):
+        z, n = act[t][:, H : 2 * H], act[t][:, 2 * H :]
+        h_prev = h0 if t == 0 else hs[t - 1]
+        hs[t] = (1.0 - z) * n + z * h_prev
 
 
 def gru_backward_step(act, hn, h_prev, dh, dxp, dhp, dh_prev):
