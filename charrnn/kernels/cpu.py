@@ -938,15 +938,26 @@ def _adam_span(lo, hi, p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, l2, decay):
         ps[i] = pv - lrt * (mv / bc1t) / (np.sqrt(vv / bc2t) + epst)
 
 
-@njit(cache=True, parallel=True)
+def _flat(a):
+    """a's elements as a 1-D view. The flat kernels below compile once, not once for each
+    number of dimensions they meet (the 1-D biases, the 2-D matrices): ~1.6 s of a first
+    run's compiling each. A view or an error, never a silent copy: an update has to land in
+    the caller's array."""
+    if not a.flags.c_contiguous:
+        raise ValueError(f"expected a C-contiguous array, got strides {a.strides} for shape {a.shape}")
+    return a.reshape(-1)
+
+
 def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, l2, decay):
     """In place on p, m, v (same shape). bc1 = 1 - beta1**t, bc2 = 1 - beta2**t.
     l2: classic Adam weight decay (added to the gradient); decay: AdamW's decoupled
     decay (p *= 1 - lr*decay first). Matches torch.optim.Adam / AdamW."""
-    # reshape (not ravel): a view, and a compile error rather than a silent copy if an
-    # array is not contiguous.
-    n = p.size
-    pf, gf, mf, vf = p.reshape(n), g.reshape(n), m.reshape(n), v.reshape(n)
+    _adam_flat(_flat(p), _flat(g), _flat(m), _flat(v), lr, beta1, beta2, eps, bc1, bc2, l2, decay)
+
+
+@njit(cache=True, parallel=True)
+def _adam_flat(pf, gf, mf, vf, lr, beta1, beta2, eps, bc1, bc2, l2, decay):
+    n = pf.size
     if n < CHEAP_PAR_MIN:
         _adam_span(0, n, pf, gf, mf, vf, lr, beta1, beta2, eps, bc1, bc2, l2, decay)
         return
@@ -975,10 +986,13 @@ def _sq_chunk(a, lo, hi):
     return (s0 + s1) + (s2 + s3)
 
 
-@njit(cache=True, parallel=True)
 def sum_squares(g):
     """Sum of squares of an array, accumulated in float64 (global-norm clipping)."""
-    a = g.ravel()
+    return _sum_squares_flat(np.ravel(g))  # a view where it can be; any layout sums the same
+
+
+@njit(cache=True, parallel=True)
+def _sum_squares_flat(a):
     n = a.size
     nch = (n + SQ_CHUNK - 1) // SQ_CHUNK
     part = np.empty(nch, np.float64)  # (chunks,) partial sums, added in order below
