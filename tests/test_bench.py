@@ -116,6 +116,9 @@ def test_a_full_run_gives_every_worker_the_rounds_repeats_and_reports_each_round
 
     monkeypatch.setattr(run.subprocess, "run", fake_worker)
     monkeypatch.setattr(run, "cli_rows", lambda *a: None)
+    real_find_spec = run.importlib.util.find_spec  # the fake torch workers need no torch
+    monkeypatch.setattr(run.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "torch" else real_find_spec(name, *a))
     assert run.main(["--only", "train-2x128,rss-3x512"]) == 0
     rounds, repeats = run.ROUNDS[False]
     assert len(calls) == 2 * 2 * rounds  # two rows read, two implementations, each round
