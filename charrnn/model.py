@@ -256,7 +256,7 @@ class CharRNN:
                 # LSTM and RNN: both biases sit in the same sum, so their gradients are equal
                 g[f"rnn.bias_ih_l{k}"] = dxp2.sum(axis=0) if cfg.cell == "gru" else db_hh.copy()
                 # y = h + x: with a residual the gradient reaches x both ways; without one,
-                # dy is spent and goes before dx exists (one (T,B,H) array less at the peak)
+                # dy is spent and goes before dL/dx is made (one (T,B,H) array less then)
                 through = dy if cfg.residual else None
                 dy = None
                 dy = (dxp2 @ p[f"rnn.weight_ih_l{k}"]).reshape(T, B, H)
