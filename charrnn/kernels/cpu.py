@@ -359,11 +359,24 @@ def _counters(parts):
 
 
 @njit(cache=True, inline="always")
+def _claim(cnt, s, limit):
+    """Claims the next item counted by cnt[s * PAD] while fewer than `limit` are claimed:
+    returns its running index, or -1 once all are. The one claim of the window kernels (one
+    item a part a step) and of generate_ids (a slice's items of a phase)."""
+    while True:
+        v = atomics.load(cnt, s * PAD)
+        if v >= limit:
+            return -1
+        if atomics.cas(cnt, s * PAD, v, v + 1):
+            return v
+
+
+@njit(cache=True, inline="always")
 def _take(cnt, part, step):
     """Whether this thread takes part's item of the window's step-th step (each thread tries
     every part, its own first: whoever is there does the work, so the window finishes on
     any number of threads)."""
-    return atomics.cas(cnt, part * PAD, step, step + 1)
+    return _claim(cnt, part, step + 1) >= 0
 
 
 @njit(cache=True, inline="always")
@@ -1131,23 +1144,21 @@ def _gen_worker(me, S, cnt, code, residual, table, w_ih, b_ih, w_hh, b_hh, dec_w
                 s = (me + i) % S
                 lo, hi = _share(n, s, S)
                 while True:
-                    v = atomics.load(cnt, s * PAD)
-                    if v >= base[s] + hi - lo:
+                    v = _claim(cnt, s, base[s] + hi - lo)
+                    if v < 0:
                         break
-                    if atomics.cas(cnt, s * PAD, v, v + 1):
-                        item = lo + v - base[s]
-                        if q < L:
-                            _gen_layer_item(item, q, code, residual, cur,
-                                            q > 0 or t == 0 or reset, table, w_ih, b_ih, w_hh,
-                                            b_hh, h_old, hs[new], c_old, cs[new], xs, xp, hp,
-                                            act, hn, s_row)
-                        elif item == 0:
-                            _gen_draw(t, xs[L - 1], dec_w, dec_b, logits, temperature, top_k,
-                                      top_p, u, out)
-                        else:
-                            lo0 = (item - 1) * GEN_UNITS
-                            _gen_products(lo0, min(H, lo0 + GEN_UNITS), w_hh, 0, hs[new, 0], hp)
-                        atomics.add(cnt, S * PAD, 1)
+                    item = lo + v - base[s]
+                    if q < L:
+                        _gen_layer_item(item, q, code, residual, cur, q > 0 or t == 0 or reset,
+                                        table, w_ih, b_ih, w_hh, b_hh, h_old, hs[new], c_old,
+                                        cs[new], xs, xp, hp, act, hn, s_row)
+                    elif item == 0:
+                        _gen_draw(t, xs[L - 1], dec_w, dec_b, logits, temperature, top_k, top_p,
+                                  u, out)
+                    else:
+                        lo0 = (item - 1) * GEN_UNITS
+                        _gen_products(lo0, min(H, lo0 + GEN_UNITS), w_hh, 0, hs[new, 0], hp)
+                    atomics.add(cnt, S * PAD, 1)
             for s in range(S):
                 lo, hi = _share(n, s, S)
                 base[s] += hi - lo
