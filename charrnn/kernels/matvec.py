@@ -21,10 +21,9 @@ from __future__ import annotations
 
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
-from charrnn.kernels.panels import _I32, _I64, _as_i64
+from charrnn.kernels.panels import _I32, _I64, _as_i64, fma, sum_loop
 
 ROWS = 4  # rows per kernel call: 2 * ROWS accumulators + 2 x vectors + 1 weight <= 16 ymm
 LANES = 8
@@ -83,45 +82,20 @@ def _make_rows(nrows: int):
             kv = builder.sub(K, builder.srem(K, ir.Constant(_I64, STEP)))
             wrow = [builder.gep(w.data, [builder.mul(builder.add(r0v, ir.Constant(_I64, i)), K)])
                     for i in range(nrows)]
-            fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vty, [vty, vty, vty]),
-                f"llvm.fma.v{LANES}{'f32' if isinstance(fty, ir.FloatType) else 'f64'}")
-            zero = ir.Constant(vty, [0.0] * LANES)
-            entry = builder.block
-            loop = builder.append_basic_block("rows.loop")
-            done = builder.append_basic_block("rows.done")
-            builder.cbranch(builder.icmp_signed(">", kv, ir.Constant(_I64, 0)), loop, done)
+            fmav = fma(builder, vty)
 
-            builder.position_at_end(loop)
-            k = builder.phi(_I64)
-            k.add_incoming(ir.Constant(_I64, 0), entry)
-            acc = []
-            for _ in range(2 * nrows):
-                phi = builder.phi(vty)
-                phi.add_incoming(zero, entry)
-                acc.append(phi)
-            k8 = builder.add(k, ir.Constant(_I64, LANES))
-            xs = [builder.load(builder.bitcast(builder.gep(xa.data, [kk]), vty.as_pointer()), align=4)
-                  for kk in (k, k8)]
-            new = []
-            for i in range(nrows):
-                for h, kk in enumerate((k, k8)):
-                    new.append(builder.call(fma, [load_w(builder.gep(wrow[i], [kk])), xs[h],
-                                                  acc[2 * i + h]]))
-            k1 = builder.add(k, ir.Constant(_I64, STEP))
-            tail = builder.block
-            k.add_incoming(k1, tail)
-            for phi, v in zip(acc, new):
-                phi.add_incoming(v, tail)
-            builder.cbranch(builder.icmp_signed("<", k1, kv), loop, done)
+            def step(k, acc):
+                k8 = builder.add(k, ir.Constant(_I64, LANES))
+                xs = [builder.load(builder.bitcast(builder.gep(xa.data, [kk]), vty.as_pointer()), align=4)
+                      for kk in (k, k8)]
+                new = []
+                for i in range(nrows):
+                    for h, kk in enumerate((k, k8)):
+                        new.append(builder.call(fmav, [load_w(builder.gep(wrow[i], [kk])), xs[h],
+                                                       acc[2 * i + h]]))
+                return new
 
-            builder.position_at_end(done)
-            outs = []
-            for i in range(2 * nrows):  # every phi first: LLVM wants them at the block's top
-                out = builder.phi(vty)
-                out.add_incoming(zero, entry)
-                out.add_incoming(new[i], tail)
-                outs.append(out)
+            outs = sum_loop(builder, "rows", vty, 2 * nrows, kv, STEP, step)
             for i in range(nrows):
                 s = _lane_sum(builder, builder.fadd(outs[2 * i], outs[2 * i + 1]), fty)
                 idx = builder.add(y0v, ir.Constant(_I64, i))

@@ -78,6 +78,50 @@ def _as_i64(builder, v):
     return builder.sext(v, _I64) if v.type.width < 64 else v
 
 
+def fma(builder, vty):
+    """LLVM's fused multiply-add over vectors of type vty."""
+    suffix = "f32" if isinstance(vty.element, ir.FloatType) else "f64"
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]),
+                                          f"llvm.fma.v{vty.count}{suffix}")
+
+
+def sum_loop(builder, name, vty, sums, k_end, k_step, body):
+    """Emits `for k in range(0, k_end, k_step)` (k_end a multiple of k_step) carrying `sums`
+    vectors of type vty from zero; body(k, acc) emits one iteration and returns the new
+    sums. Returns the sums after the loop (zero if it ran no iteration), with the builder
+    after it. The loop of both micro-kernels: panels' and matvec's rows."""
+    zero = ir.Constant(vty, [0.0] * vty.count)
+    entry = builder.block
+    loop = builder.append_basic_block(f"{name}.loop")
+    done = builder.append_basic_block(f"{name}.done")
+    builder.cbranch(builder.icmp_signed(">", k_end, ir.Constant(_I64, 0)), loop, done)
+
+    builder.position_at_end(loop)
+    k = builder.phi(_I64)
+    k.add_incoming(ir.Constant(_I64, 0), entry)
+    acc = []
+    for _ in range(sums):
+        phi = builder.phi(vty)
+        phi.add_incoming(zero, entry)
+        acc.append(phi)
+    new = body(k, acc)
+    k1 = builder.add(k, ir.Constant(_I64, k_step))
+    tail = builder.block
+    k.add_incoming(k1, tail)
+    for phi, v in zip(acc, new):
+        phi.add_incoming(v, tail)
+    builder.cbranch(builder.icmp_signed("<", k1, k_end), loop, done)
+
+    builder.position_at_end(done)
+    outs = []
+    for v in new:  # every phi first: LLVM wants them at the block's top
+        out = builder.phi(vty)
+        out.add_incoming(zero, entry)
+        out.add_incoming(v, tail)
+        outs.append(out)
+    return outs
+
+
 def _make_micro(mr: int):
     """An intrinsic C[i0:i0+mr, c0:c0+NR] = A[i0:i0+mr, :] @ P[q, j] (A (M,K), P (Q,G,K,NR),
     C (M,*): all C-contiguous, one dtype)."""
@@ -104,48 +148,23 @@ def _make_micro(mr: int):
             panel = builder.mul(builder.add(builder.mul(qv, G), jv), builder.mul(K, ir.Constant(_I64, NR)))
             pbase = builder.gep(p.data, [panel])
             crow = builder.gep(c.data, [builder.add(builder.mul(i0v, ldc), c0v)])
-            suffix = "f32" if isinstance(fty, ir.FloatType) else "f64"
-            fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vty, [vty, vty, vty]), f"llvm.fma.v{_LANES}{suffix}")
-            zero = ir.Constant(vty, [0.0] * _LANES)
+            fmav = fma(builder, vty)
             undef = ir.Constant(vty, ir.Undefined)
             splat = ir.Constant(ir.VectorType(_I32, _LANES), [0] * _LANES)
-            entry = builder.block
-            loop = builder.append_basic_block("micro.loop")
-            done = builder.append_basic_block("micro.done")
-            builder.cbranch(builder.icmp_signed(">", K, ir.Constant(_I64, 0)), loop, done)
 
-            builder.position_at_end(loop)
-            k = builder.phi(_I64)
-            k.add_incoming(ir.Constant(_I64, 0), entry)
-            acc = []
-            for _ in range(2 * mr):
-                phi = builder.phi(vty)
-                phi.add_incoming(zero, entry)
-                acc.append(phi)
-            bp = builder.gep(pbase, [builder.mul(k, ir.Constant(_I64, NR))])
-            b0 = builder.load(builder.bitcast(bp, vty.as_pointer()), align=4)
-            b1 = builder.load(builder.bitcast(builder.gep(bp, [ir.Constant(_I64, _LANES)]), vty.as_pointer()), align=4)
-            new = []
-            for r in range(mr):
-                x = builder.load(builder.gep(arow, [builder.add(builder.mul(ir.Constant(_I64, r), K), k)]), align=4)
-                xv = builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(_I32, 0)), undef, splat)
-                new.append(builder.call(fma, [xv, b0, acc[2 * r]]))
-                new.append(builder.call(fma, [xv, b1, acc[2 * r + 1]]))
-            k1 = builder.add(k, ir.Constant(_I64, 1))
-            tail = builder.block
-            k.add_incoming(k1, tail)
-            for phi, v in zip(acc, new):
-                phi.add_incoming(v, tail)
-            builder.cbranch(builder.icmp_signed("<", k1, K), loop, done)
+            def step(k, acc):
+                bp = builder.gep(pbase, [builder.mul(k, ir.Constant(_I64, NR))])
+                b0 = builder.load(builder.bitcast(bp, vty.as_pointer()), align=4)
+                b1 = builder.load(builder.bitcast(builder.gep(bp, [ir.Constant(_I64, _LANES)]), vty.as_pointer()), align=4)
+                new = []
+                for r in range(mr):
+                    x = builder.load(builder.gep(arow, [builder.add(builder.mul(ir.Constant(_I64, r), K), k)]), align=4)
+                    xv = builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(_I32, 0)), undef, splat)
+                    new.append(builder.call(fmav, [xv, b0, acc[2 * r]]))
+                    new.append(builder.call(fmav, [xv, b1, acc[2 * r + 1]]))
+                return new
 
-            builder.position_at_end(done)
-            outs = []
-            for i in range(2 * mr):  # every phi first: LLVM wants them at the block's top
-                out = builder.phi(vty)
-                out.add_incoming(zero, entry)
-                out.add_incoming(new[i], tail)
-                outs.append(out)
+            outs = sum_loop(builder, "micro", vty, 2 * mr, K, 1, step)
             for i, out in enumerate(outs):
                 r, h = divmod(i, 2)
                 off = builder.add(builder.mul(ir.Constant(_I64, r), ldc), ir.Constant(_I64, _LANES * h))
