@@ -258,7 +258,7 @@ class CharRNN:
                 # y = h + x: with a residual the gradient reaches x both ways; without one,
                 # dy is spent and goes before dL/dx is made (one (T,B,H) array less then)
                 through = dy if cfg.residual else None
-                dy = None
+                del dy
                 dy = (dxp2 @ p[f"rnn.weight_ih_l{k}"]).reshape(T, B, H)
                 if through is not None:
                     dy += through

@@ -98,6 +98,14 @@ def test_merged_rounds_pool_the_repeats_keep_the_higher_peak_and_an_error_stands
     assert round_ratios(row, {CHARRNN: a, TORCH: Cell([5.0], rounds=[5.0])}) == []  # one round
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status")
+def test_the_worker_reads_its_file_backed_pages_as_part_of_its_peak():
+    from bench.worker import file_rss_mib, peak_rss_mib
+
+    files = file_rss_mib()
+    assert files is not None and 0 < files < peak_rss_mib()  # numpy's libraries at least
+
+
 def test_a_full_run_gives_every_worker_the_rounds_repeats_and_reports_each_rounds_ratio(monkeypatch, capsys):
     import json
 
