@@ -94,8 +94,108 @@ def _grid(n: int) -> int:
 
 
 def _launch(kernel, n: int, *args):
-    """A grid-stride kernel over n items, THREADS a block, its arrays wrapped by _dev."""
-    kernel[_grid(n), THREADS](*(_dev(a) for a in args))
+    """A grid-stride kernel over n items, THREADS a block."""
+    _run(kernel, _grid(n), THREADS, 0, *args)
+
+
+# Every launch goes through _run. numba's own launch path costs ~43 us of host time, plus
+# ~45 us for each CuPy array it wraps as a numba array (measured on an H100 machine:
+# `python -m bench.gpu_profile sync`). A training step makes ~130 launches and a names call
+# ~1,400, so that host time, not the GPU, set their pace. _run lets numba type and compile
+# a kernel's first call with each kind of arguments, then hands later calls' arguments to
+# the driver in the flattened form the compiled kernel takes, as numba itself does at the
+# end of its path (numba.cuda.dispatcher._Kernel.launch and _prepare_args).
+_DIRECT: dict = {}  # (dispatcher, argument kinds) -> (converters, cufunc kernel, cooperative) or None
+_CONFIGS: dict = {}  # (grid, block, shared bytes, cooperative) -> driver launch config
+
+
+def _contiguous(shape, strides, itemsize: int, order: str) -> bool:
+    """Whether strides are the C (or F) order strides of shape; size-1 dims take any stride."""
+    step = itemsize
+    dims = zip(shape[::-1], strides[::-1]) if order == "C" else zip(shape, strides)
+    for n, st in dims:
+        if n != 1 and st != step:
+            return False
+        step *= n
+    return True
+
+
+def _kind(a):
+    """What picks a compiled kernel for argument a (its numba type follows from it): an
+    array's dtype, ndim and C/F contiguity, a scalar's Python type. None for what only
+    numba's own path passes (host arrays, other objects)."""
+    if isinstance(a, (int, float, np.number)):
+        return type(a)
+    if isinstance(a, np.ndarray) or not hasattr(a, "__cuda_array_interface__"):
+        return None
+    return (a.dtype.str, len(a.shape), _contiguous(a.shape, a.strides, a.dtype.itemsize, "C"),
+            _contiguous(a.shape, a.strides, a.dtype.itemsize, "F"))
+
+
+def _kinds(args) -> tuple | None:
+    kinds = tuple(_kind(a) for a in args)
+    return None if None in kinds else kinds
+
+
+def _pointer(a) -> int:
+    if cuda.devicearray.is_cuda_ndarray(a):
+        return a.device_ctypes_pointer.value or 0
+    return a.data.ptr  # CuPy
+
+
+def _direct_entry(kernel, dev_args):
+    """(converters, cufunc kernel, cooperative) of the kernel numba compiled for dev_args,
+    or None where numba's internals are not as expected (its own path is then used)."""
+    import ctypes
+
+    try:
+        compiled = kernel.overloads[tuple(kernel.typeof_pyval(a) for a in dev_args)]
+        convert = []
+        for ty in compiled.argument_types:
+            if isinstance(ty, numba.types.Array):
+                convert.append(None)
+            elif isinstance(ty, numba.types.Integer):
+                convert.append(getattr(ctypes, f"c_{ty}"))
+            elif ty in (numba.types.float32, numba.types.float64):
+                convert.append(ctypes.c_float if ty == numba.types.float32 else ctypes.c_double)
+            else:
+                return None
+        return convert, compiled._codelibrary.get_cufunc().kernel, bool(compiled.cooperative)
+    except Exception:  # noqa: BLE001 -- another numba-cuda version: its own path, always
+        return None
+
+
+def _config(grid: int, block: int, smem: int, cooperative: bool):
+    key = (grid, block, smem, cooperative)
+    cfg = _CONFIGS.get(key)
+    if cfg is None:
+        from numba.cuda import dispatcher as nd
+
+        coop = {"is_cooperative" if nd.CUDA_CORE_GE_1_0 else "cooperative_launch": cooperative}
+        cfg = _CONFIGS[key] = (nd.LaunchConfig(grid=grid, block=block, shmem_size=smem, **coop),
+                               nd.driver._to_core_stream(0), nd.launch)
+    return cfg
+
+
+def _run(kernel, grid: int, block: int, smem: int, *args):
+    """kernel[grid, block, 0, smem](*args) on the legacy default stream (see above)."""
+    kinds = None if SIM else _kinds(args)
+    entry = _DIRECT.get((kernel, kinds)) if kinds is not None else None
+    if entry is None:
+        dev = [_dev(a) for a in args]
+        kernel[grid, block, 0, smem](*dev)
+        if kinds is not None and (kernel, kinds) not in _DIRECT:
+            _DIRECT[(kernel, kinds)] = _direct_entry(kernel, dev)
+        return
+    convert, cufunc, cooperative = entry
+    flat = []
+    for conv, a in zip(convert, args):
+        if conv is None:  # numba's array ABI: meminfo, parent, size, itemsize, data, shape, strides
+            flat += (0, 0, a.size, a.dtype.itemsize, _pointer(a), *a.shape, *a.strides)
+        else:
+            flat.append(conv(a))
+    config, stream, launch = _config(grid, block, smem, cooperative)
+    launch(stream, config, cufunc, *flat)
 
 
 def _check_threads():
@@ -413,21 +513,21 @@ def _device_sum(arrays, square: bool) -> float:
     out = _scratch("sum", 1)
     off = 0
     for a, nb in zip(arrays, grids):
-        _partial_sums_kernel[nb, THREADS](a, 1 if square else 0, part[off:off + nb])
+        _run(_partial_sums_kernel, nb, THREADS, 0, a, 1 if square else 0, part[off:off + nb])
         off += nb
-    _partial_sums_kernel[1, THREADS](part, 0, out)
+    _run(_partial_sums_kernel, 1, THREADS, 0, part, 0, out)
     return _scalar(out)
 
 
 def sum_squares(g):
     """Sum of squares of an array, accumulated in float64 (global-norm clipping)."""
-    return _device_sum([_flat(_dev(g))], True)
+    return _device_sum([_flat(g)], True)
 
 
 def sum_squares_total(arrays):
     """Sum of squares over a sequence of arrays, accumulated in float64 (global-norm
     clipping): one reduction and one sync with the host per call, not one per array."""
-    return _device_sum([_flat(_dev(g)) for g in arrays], True)
+    return _device_sum([_flat(g) for g in arrays], True)
 
 
 # ---------------------------------------------------------------- loss
@@ -473,8 +573,8 @@ def softmax_xent(logits, targets, mask, scale, dlogits):
     _check_threads()
     N = logits.shape[0]
     row_loss = _scratch("row_loss", N)  # (N,) per-row losses
-    _softmax_xent_kernel[max(1, min(N, MAX_BLOCKS)), THREADS](
-        _dev(logits), _dev(targets), _dev(mask), float(scale), _dev(dlogits), row_loss)
+    _run(_softmax_xent_kernel, max(1, min(N, MAX_BLOCKS)), THREADS, 0, logits, targets, mask,
+         float(scale), dlogits, row_loss)
     return _device_sum([row_loss], False)
 
 
@@ -499,8 +599,8 @@ def _log_softmax_rows_kernel(logits, out):
 def log_softmax_rows(logits, out):
     """logits (N,V) -> out (N,V) = log softmax per row (scoring and evaluation)."""
     _check_threads()
-    _log_softmax_rows_kernel[max(1, min(logits.shape[0], MAX_BLOCKS)), THREADS](
-        _dev(logits), _dev(out))
+    _run(_log_softmax_rows_kernel, max(1, min(logits.shape[0], MAX_BLOCKS)), THREADS, 0,
+         logits, out)
 
 
 # ---------------------------------------------------------------- sampling
@@ -574,11 +674,11 @@ def sample_rows(logits, temperature, top_k, top_p, u, out):
     Host (numpy) arrays are accepted too: copied in, and out copied back (the sampler)."""
     B, V = logits.shape
     host_out = isinstance(out, np.ndarray) and not SIM
-    args = [_dev(logits), float(temperature), int(top_k), float(top_p), _dev(u),
-            _scratch("sample", B * 2 * V), _dev(out)]
+    args = [logits, float(temperature), int(top_k), float(top_p), u, _scratch("sample", B * 2 * V),
+            out]
     if not SIM:
         args = [cuda.to_device(a) if isinstance(a, np.ndarray) else a for a in args]
-    _sample_rows_kernel[max(1, min(B, MAX_BLOCKS)), THREADS](*args)
+    _run(_sample_rows_kernel, max(1, min(B, MAX_BLOCKS)), THREADS, 0, *args)
     if host_out:
         args[6].copy_to_host(out)
 
@@ -618,8 +718,8 @@ def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, l2, decay):
     l2: classic Adam weight decay (added to the gradient); decay: AdamW's decoupled
     decay (p *= 1 - lr*decay first). Matches torch.optim.Adam / AdamW."""
     dt = np.dtype(p.dtype).type
-    _adam_kernel[_grid(p.size), THREADS](
-        _flat(_dev(p)), _flat(_dev(g)), _flat(_dev(m)), _flat(_dev(v)), dt(lr), dt(beta1),
+    _run(_adam_kernel, _grid(p.size), THREADS, 0,
+        _flat(p), _flat(g), _flat(m), _flat(v), dt(lr), dt(beta1),
         dt(beta2), dt(1.0 - beta1), dt(1.0 - beta2), dt(eps), dt(bc1), dt(bc2), dt(l2),
         dt(1.0 - lr * decay), 1 if l2 else 0, 1 if decay else 0)
 
@@ -646,9 +746,9 @@ class Plan(NamedTuple):
     smem: int  # dynamic shared memory, bytes
 
 
-def _products_fn(C: int):
+def _products_fn(C: int, BR: int):
     """The per-step product of a persistent block (device function). This thread's
-    acc[r*C+i] = sum_k src[k, bq + r*BR] * W[k, col0 + i*es] for r < ROWS, i < C, over its
+    acc[r*C+i] = sum_k src[k, bq + r*BR] * W[k, col0 + i] for r < ROWS, i < C, over its
     rows k, where src (K,B) is the previous step's transposed state in global memory and
     W (K,NC) sits at sm[0:K*NC]. The block streams src through sm[boff:] KT rows at a
     time, each thread carrying PREFETCH values of the next tile in registers while the
@@ -656,14 +756,21 @@ def _products_fn(C: int):
     load per product). A thread takes the tile rows ks, ks+KS, ...; the KS shares of each
     sum are then added in a fixed tree and left at sm[boff + i*NT0 + g] (g: the thread's
     index within its k-split, NT0 threads a k-split). acc is indexed by constants only, so
-    it stays in registers."""
-    key = ("products", C, ROWS, PREFETCH)
+    it stays in registers.
+
+    The inner loop walks two unsigned shared-memory indices (W's row, the state tile's row)
+    and reads at constant offsets from them (i, r*BR: BR is compiled in): a signed int64
+    index costs numba's negative-index wraparound and 64-bit arithmetic on every load, which
+    was 90 of the loop's 134 instructions per k row (SASS, 3x512 forward), for 12 loads
+    and 32 FMAs."""
+    key = ("products", C, BR, ROWS, PREFETCH)
     if key in _KERNELS:
         return _KERNELS[key]
     R, L = ROWS, PREFETCH
+    u64 = numba.uint64
 
     @cuda.jit(device=True)
-    def products(src, sm, boff, SB, KT, NC, col0, es, bq, BR, ks, KS, prow, pcol, pre, acc, wv):
+    def products(src, sm, boff, SB, KT, NC, col0, bq, ks, KS, prow, pcol, pre, acc, wv):
         """prow, pcol (PREFETCH,): where this thread's prefetched values sit in a tile (from
         `_tile_slots`): integer division is slow on the GPU and they never change."""
         K = src.shape[0]
@@ -672,6 +779,7 @@ def _products_fn(C: int):
         for i in range(L):  # tile 0
             if prow[i] < KT and prow[i] < K:
                 pre[i] = src[prow[i], pcol[i]]
+        dw, dh = u64(KS * NC), u64(KS * SB)  # the indices' steps from one k row to the next
         for k0 in range(0, K, KT):
             rows = min(KT, K - k0)
             cuda.syncthreads()  # every thread is done with the previous tile
@@ -684,16 +792,18 @@ def _products_fn(C: int):
                 if prow[i] < nxt:
                     pre[i] = src[k0 + KT + prow[i], pcol[i]]
             kl = ks
+            wb = u64((k0 + ks) * NC + col0)
+            hb = u64(boff + ks * SB + bq)
             while kl < rows:
-                wb = (k0 + kl) * NC + col0
                 for i in range(C):
-                    wv[i] = sm[wb + i * es]
-                hb = boff + kl * SB + bq
+                    wv[i] = sm[wb + u64(i)]
                 for r in range(R):  # rows b >= B read padding: their sums are never used
-                    hv = sm[hb + r * BR]
+                    hv = sm[hb + u64(r * BR)]
                     for i in range(C):
                         acc[r * C + i] += hv * wv[i]
                 kl += KS
+                wb += dw
+                hb += dh
         # The tile buffer now takes the partial sums: KS groups halve in a fixed tree
         # (deterministic), so it needs room for KS // 2 groups' sums, not KS.
         NT0 = cuda.blockDim.x // KS
@@ -730,15 +840,16 @@ def _tile_slots(B, prow, pcol):
         pcol[i] = e - prow[i] * B
 
 
-def _forward_kernel(cell: str, dtype):
-    key = ("forward", cell, np.dtype(dtype).str, ROWS, PREFETCH)
+def _forward_kernel(cell: str, dtype, BR: int):
+    """BR = ceil(B / ROWS), compiled in (see _products_fn)."""
+    key = ("forward", cell, np.dtype(dtype).str, BR, ROWS, PREFETCH)
     if key in _KERNELS:
         return _KERNELS[key]
     G = GATES[cell]
     LSTM, GRU = cell == "lstm", cell == "gru"
-    R, L, RG = ROWS, PREFETCH, ROWS * G  # local array sizes must be constants
+    L, RG = PREFETCH, ROWS * G  # local array sizes must be constants
     smem_type = numba.from_dtype(np.dtype(dtype))
-    products = _products_fn(G)
+    products = _products_fn(G, BR)
 
     @cuda.jit
     def kernel(xp, w_hh, b_hh, h0, c0, hmask, use_mask, U, KS, KT, SB, s0, s1, hT, hs, act, cs,
@@ -752,16 +863,16 @@ def _forward_kernel(cell: str, dtype):
         j0 = cuda.blockIdx.x * U
         Uk = max(0, min(U, H - j0))  # the last block may own fewer (spare blocks none)
         tid, nt = cuda.threadIdx.x, cuda.blockDim.x
-        BR = (B + R - 1) // R
         bq = tid % BR
         jj = (tid // BR) % U
         ks = tid // (BR * U)
-        sm = cuda.shared.array(0, smem_type)  # [0, H*G*U): W_hh rows of our units, (H, G*U)
+        # [0, H*G*U): W_hh rows of our units, (H, U, G): a unit's G gates side by side
+        sm = cuda.shared.array(0, smem_type)
         for idx in range(tid, H * GU, nt):
             kk = idx // GU
             r = idx - kk * GU
-            q = r // U
-            u = r - q * U
+            u = r // G
+            q = r - u * G
             sm[idx] = w_hh[q * H + j0 + u, kk] if u < Uk else 0
         pre = cuda.local.array(L, smem_type)
         prow = cuda.local.array(L, numba.int32)
@@ -776,8 +887,7 @@ def _forward_kernel(cell: str, dtype):
             if t > s0:
                 grid.sync()  # every block's h of step t-1 is written
             rd, wr = (t + 1) % 2, t % 2
-            products(hT[rd], sm, H * GU, SB, KT, GU, jj, U, bq, BR, ks, KS, prow, pcol, pre, acc,
-                     wv)
+            products(hT[rd], sm, H * GU, SB, KT, GU, jj * G, bq, ks, KS, prow, pcol, pre, acc, wv)
             for pair in range(tid, B * Uk, nt):
                 u = pair // B  # batch rows fastest: coalesced writes of hT
                 b = pair - u * B
@@ -822,15 +932,16 @@ def _backward_columns(U: int) -> int:
     return 1 if U == 1 else 2 if U == 2 else 4
 
 
-def _backward_kernel(cell: str, dtype, C: int):
-    key = ("backward", cell, np.dtype(dtype).str, ROWS, PREFETCH, C)
+def _backward_kernel(cell: str, dtype, C: int, BR: int):
+    """BR = ceil(B / ROWS), compiled in (see _products_fn)."""
+    key = ("backward", cell, np.dtype(dtype).str, BR, ROWS, PREFETCH, C)
     if key in _KERNELS:
         return _KERNELS[key]
     G = GATES[cell]
     LSTM, GRU = cell == "lstm", cell == "gru"
-    R, L, RC = ROWS, PREFETCH, ROWS * C  # local array sizes must be constants
+    L, RC = PREFETCH, ROWS * C  # local array sizes must be constants
     smem_type = numba.from_dtype(np.dtype(dtype))
-    products = _products_fn(C)
+    products = _products_fn(C, BR)
 
     @cuda.jit
     def kernel(w_hh, hmask, use_mask, h0, c0, hs, act, cs, hn, dhs, U, KS, KT, SB, s0, s1, dT,
@@ -846,7 +957,6 @@ def _backward_kernel(cell: str, dtype, C: int):
         Uk = max(0, min(U, H - j0))
         NC = (U + C - 1) // C * C  # W columns, padded with zeros to whole groups
         tid, nt = cuda.threadIdx.x, cuda.blockDim.x
-        BR = (B + R - 1) // R
         bq = tid % BR
         grp = (tid // BR) % (NC // C)
         ks = tid // (BR * (NC // C))
@@ -871,7 +981,7 @@ def _backward_kernel(cell: str, dtype, C: int):
             t = T - 1 - s
             rd, wr = (t + 1) % 2, t % 2
             if t + 1 < T:  # dL/dh_t arriving from step t+1: (dhp @ W_hh) * mask + direct
-                products(dT[rd], sm, GH * NC, SB, KT, NC, grp * C, 1, bq, BR, ks, KS, prow, pcol,
+                products(dT[rd], sm, GH * NC, SB, KT, NC, grp * C, bq, ks, KS, prow, pcol,
                          pre, acc, wv)
             for pair in range(tid, B * Uk, nt):
                 u = pair // B  # batch rows fastest: coalesced writes of dT
@@ -962,10 +1072,10 @@ def _plan(kernel_for, args, key, direction: str, G: int, B: int, H: int, itemsiz
     so more blocks than SMs read more and add nothing), else the most that fit. KS: as
     many k-splits as keep the block within PERSISTENT_THREADS and its shared memory
     (W slice, then the state tile or the partial sums) within SMEM_LIMIT."""
-    sig = tuple(numba.typeof(a) for a in args)  # occupancy depends on the compiled code
-    key = (*key, sig, PERSISTENT_THREADS, SMEM_LIMIT, ROWS, PREFETCH, _sm_count())
+    key = (*key, _kinds(args), PERSISTENT_THREADS, SMEM_LIMIT, ROWS, PREFETCH, _sm_count())
     if not (units or splits or tile_rows or stepwise) and key in _PLANS:
         return _PLANS[key]
+    sig = tuple(numba.typeof(_dev(a)) for a in args)  # occupancy depends on the compiled code
     BR = -(-B // ROWS)
 
     def fit(U):  # the Plan of U with the most k-splits that fit, or None
@@ -1053,23 +1163,22 @@ def persistent_layer_forward(cell, xp, w_hh, b_hh, h0, c0, hmask, hs, act, cs, h
     PersistentUnavailable (before launching anything) when the layer does not fit."""
     T, B, H = hs.shape
     G = GATES[cell]
-    kernel = _forward_kernel(cell, hs.dtype)
+    kernel = _forward_kernel(cell, hs.dtype, -(-B // ROWS))
     d2, d3 = _dummy(hs, 2), _dummy(hs, 3)
-    mask = d2 if hmask is None else _dev(hmask)
+    mask = d2 if hmask is None else hmask
     hT = _pingpong("hT", H, B, hs.dtype)  # (2, H, B)
-    args = [_dev(xp), _dev(w_hh), _dev(b_hh), _dev(h0), d2 if c0 is None else _dev(c0),
-            mask, 0 if hmask is None else 1, 1, 1, 1, 1, 0, T, hT, _dev(hs),
-            d3 if act is None else _dev(act), d3 if cs is None else _dev(cs),
-            d3 if hn is None else _dev(hn)]
+    args = [xp, w_hh, b_hh, h0, d2 if c0 is None else c0,
+            mask, 0 if hmask is None else 1, 1, 1, 1, 1, 0, T, hT, hs,
+            d3 if act is None else act, d3 if cs is None else cs,
+            d3 if hn is None else hn]
     key = ("forward", cell, np.dtype(hs.dtype).str, B, H)
     plan = _plan(lambda U: kernel, args, key, "forward", G, B, H, np.dtype(hs.dtype).itemsize,
                  units, splits, tile_rows, stepwise)
     args[7:11] = plan.U, plan.KS, plan.KT, plan.SB
     _launch(_masked_transpose_kernel, B * H, h0, mask, args[6], hT[1])
-    launch = kernel[plan.blocks, plan.threads, 0, plan.smem]
     for s0, s1 in ([(t, t + 1) for t in range(T)] if stepwise else [(0, T)]):
         args[11], args[12] = s0, s1
-        launch(*args)
+        _run(kernel, plan.blocks, plan.threads, plan.smem, *args)
 
 
 def persistent_layer_backward(cell, w_hh, hmask, h0, c0, hs, act, cs, hn, dhs, dxp, dhp, dc,
@@ -1082,21 +1191,20 @@ def persistent_layer_backward(cell, w_hh, hmask, h0, c0, hs, act, cs, hn, dhs, d
     G = GATES[cell]
     itemsize = np.dtype(hs.dtype).itemsize
     d2, d3 = _dummy(hs, 2), _dummy(hs, 3)
-    args = [_dev(w_hh), d2 if hmask is None else _dev(hmask), 0 if hmask is None else 1,
-            _dev(h0), d2 if c0 is None else _dev(c0), _dev(hs), d3 if act is None else _dev(act),
-            d3 if cs is None else _dev(cs), d3 if hn is None else _dev(hn), _dev(dhs), 1, 1, 1, 1,
-            0, T + 1, _pingpong("dT", G * H, B, hs.dtype), _dev(dxp),
-            d3 if dhp is None else _dev(dhp), d2 if dc is None else _dev(dc),
-            d2 if direct is None else _dev(direct), _dev(dh0)]
+    args = [w_hh, d2 if hmask is None else hmask, 0 if hmask is None else 1,
+            h0, d2 if c0 is None else c0, hs, d3 if act is None else act,
+            d3 if cs is None else cs, d3 if hn is None else hn, dhs, 1, 1, 1, 1,
+            0, T + 1, _pingpong("dT", G * H, B, hs.dtype), dxp,
+            d3 if dhp is None else dhp, d2 if dc is None else dc,
+            d2 if direct is None else direct, dh0]
     key = ("backward", cell, np.dtype(hs.dtype).str, B, H)
     def kernel_for(U):  # compiled per C, the units a thread sums, which follows U
-        return _backward_kernel(cell, hs.dtype, _backward_columns(U))
+        return _backward_kernel(cell, hs.dtype, _backward_columns(U), -(-B // ROWS))
 
     plan = _plan(kernel_for, args, key, "backward", G, B, H, itemsize, units, splits, tile_rows,
                  stepwise)
     kernel = kernel_for(plan.U)
     args[10:14] = plan.U, plan.KS, plan.KT, plan.SB
-    launch = kernel[plan.blocks, plan.threads, 0, plan.smem]
     for s0, s1 in ([(s, s + 1) for s in range(T + 1)] if stepwise else [(0, T + 1)]):
         args[14], args[15] = s0, s1
-        launch(*args)
+        _run(kernel, plan.blocks, plan.threads, plan.smem, *args)
