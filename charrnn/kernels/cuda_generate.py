@@ -73,6 +73,33 @@ def unavailable(H: int, G: int, dtype, lanes: int = 0) -> str:
     return ""
 
 
+@cuda.jit(device=True)
+def _row_dots(wa, wb, sm, offa, offb, lane, lanes, zero):
+    """(sum of wa[i] * sm[offa + i], the same of wb at offb) over i = lane, lane + lanes, ...
+    < len(wa), each in that order. Batch-1 sampling is latency-bound (a warp per row, rows
+    read from L2), so eight loads of each row are issued before their products: 16 in flight
+    a lane, not one load waited for at a time. wb may be wa (one row wanted)."""
+    H = wa.shape[0]
+    a = zero
+    b = zero
+    i = lane
+    while i + 7 * lanes < H:
+        a0, a1, a2, a3 = wa[i], wa[i + lanes], wa[i + 2 * lanes], wa[i + 3 * lanes]
+        a4, a5, a6, a7 = wa[i + 4 * lanes], wa[i + 5 * lanes], wa[i + 6 * lanes], wa[i + 7 * lanes]
+        b0, b1, b2, b3 = wb[i], wb[i + lanes], wb[i + 2 * lanes], wb[i + 3 * lanes]
+        b4, b5, b6, b7 = wb[i + 4 * lanes], wb[i + 5 * lanes], wb[i + 6 * lanes], wb[i + 7 * lanes]
+        for q, x, y in ((0, a0, b0), (1, a1, b1), (2, a2, b2), (3, a3, b3), (4, a4, b4),
+                        (5, a5, b5), (6, a6, b6), (7, a7, b7)):
+            a += x * sm[offa + i + q * lanes]
+            b += y * sm[offb + i + q * lanes]
+        i += 8 * lanes
+    while i < H:
+        a += wa[i] * sm[offa + i]
+        b += wb[i] * sm[offb + i]
+        i += lanes
+    return a, b
+
+
 def _kernels(cell: str, dtype):
     """(cooperative, one_phase) kernels for cell and dtype, built once per process (the
     cell's branches and the shared-memory dtype are compile-time constants)."""
@@ -125,12 +152,8 @@ def _kernels(cell: str, dtype):
             for lr in range(grp, rows, groups):
                 q = lr // Uk
                 r = q * H + j0 + lr - q * Uk
-                ah = zero
-                ax = zero
-                for i in range(lane, H, lanes):
-                    ah += w_hh[k, r, i] * sm[i]
-                    if k > 0:
-                        ax += w_ih[k - 1, r, i] * sm[XV + i]
+                ah, ax = _row_dots(w_hh[k, r], w_ih[k - 1, r] if k > 0 else w_hh[k, r], sm, 0,
+                                   XV, lane, lanes, zero)
                 sm[PART + lr * lanes + lane] = ah
                 sm[PART + PX + lr * lanes + lane] = ax
         cuda.syncthreads()
@@ -189,9 +212,7 @@ def _kernels(cell: str, dtype):
             if grp < groups:
                 for lr in range(grp, rows, groups):
                     v = base + first + lr
-                    a = zero
-                    for i in range(lane, H, lanes):
-                        a += dec_w[v, i] * sm[XV + i]
+                    a, _ = _row_dots(dec_w[v], dec_w[v], sm, XV, XV, lane, lanes, zero)
                     sm[PART + lr * lanes + lane] = a
             cuda.syncthreads()
             for lr in range(tid, rows, nt):
@@ -281,10 +302,10 @@ def _plan(cooperative, args, key, G: int, H: int, itemsize: int, units: int, thr
         U0 -= 1
     if stepwise:
         return U0, -(-H // U0), False
-    sig = () if ck.SIM else tuple(numba.typeof(a) for a in args)  # occupancy: compiled code's
-    key = (*key, sig, ck.SMEM_LIMIT)
+    key = (*key, ck._kinds(args), ck.SMEM_LIMIT)
     if key in _PLANS:
         return _PLANS[key]
+    sig = () if ck.SIM else tuple(numba.typeof(ck._dev(a)) for a in args)  # occupancy: compiled code's
     if ck.SIM:  # one block per cooperative grid: no grid barrier in the simulator
         def max_blocks(U):
             return cooperative.overloads[None].max_cooperative_grid_blocks(threads)
@@ -364,10 +385,10 @@ def generate_ids(cell, residual, table, w_ih, b_ih, w_hh, b_hh, dec_w, dec_b, h,
     logits = _buffer((V,), dt)  # (V,)
     tok = _buffer((1,), np.int64)  # the id drawn last step
     work = _buffer((2 * V,), np.float64)  # _draw's ids and probabilities
-    args = [ck._dev(table), ck._dev(w_ih) if L > 1 else d3, ck._dev(b_ih) if L > 1 else d2,
-            ck._dev(w_hh), ck._dev(b_hh), ck._dev(dec_w), ck._dev(dec_b), ck._dev(h),
-            ck._dev(c) if cell == "lstm" else d2, int(start_id), float(temperature),
-            int(top_k), float(top_p), ck._dev(u), int(eos_id), ck._dev(out),
+    args = [table, w_ih if L > 1 else d3, b_ih if L > 1 else d2,
+            w_hh, b_hh, dec_w, dec_b, h,
+            c if cell == "lstm" else d2, int(start_id), float(temperature),
+            int(top_k), float(top_p), u, int(eos_id), out,
             1 if residual else 0, 1, lanes, hbuf, ys, logits, tok, work]
     key = (cell, dt.str, H, L, V, G, units, threads, lanes)
     U, nb, coop = _plan(cooperative, [*args, 0, 1], key, G, H, dt.itemsize, units, threads,
@@ -376,8 +397,7 @@ def generate_ids(cell, residual, table, w_ih, b_ih, w_hh, b_hh, dec_w, dec_b, h,
     smem = _shared_items(H, G, U, lanes) * dt.itemsize
     phases = n * (L + 2) + 1
     if coop:
-        cooperative[nb, threads, 0, smem](*args, 0, phases)
+        ck._run(cooperative, nb, threads, smem, *args, 0, phases)
     else:
-        launch = one_phase[nb, threads, 0, smem]
         for s in range(phases):
-            launch(*args, s)
+            ck._run(one_phase, nb, threads, smem, *args, s)
