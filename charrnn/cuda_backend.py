@@ -57,9 +57,13 @@ class CudaBackend(HostBackend):
             return np.asarray(a)
         return self.xp.asnumpy(a)
 
-    def _persistent_ran(self, launch, cell, B, H, dtype) -> bool:
+    def _persistent_ran(self, launch, cell, T, B, H, dtype) -> bool:
+        """Whether the persistent kernel took this layer window. Windows of one step take the
+        per-step design: keeping W_hh on chip gains nothing over one step, and the persistent
+        kernels compile per batch size (kernels/cuda.py compiles B in), which a names round,
+        its batch shrinking every step, would pay at every step."""
         key = (cell, B, H, np.dtype(dtype).str)
-        if not self.persistent or key in self.fallbacks:
+        if not self.persistent or T < 2 or key in self.fallbacks:
             return False
         try:
             launch()
@@ -69,17 +73,17 @@ class CudaBackend(HostBackend):
             return False
 
     def _forward_steps(self, cell, xp, w_hh, b_hh, h0, c0, hmask, hs, act, cs, hn):
-        _, B, H = hs.shape
+        T, B, H = hs.shape
 
         def launch():
             self.k.persistent_layer_forward(cell, xp, w_hh, b_hh, h0, c0, hmask, hs, act, cs, hn)
 
-        if not self._persistent_ran(launch, cell, B, H, hs.dtype):
+        if not self._persistent_ran(launch, cell, T, B, H, hs.dtype):
             super()._forward_steps(cell, xp, w_hh, b_hh, h0, c0, hmask, hs, act, cs, hn)
 
     def _backward_steps(self, cache: LayerCache, dhs, w_hh, dxp, dhp, dh_rec, dc):
         cell, hs = cache.cell, cache.hs
-        _, B, H = hs.shape
+        T, B, H = hs.shape
         direct = self.xp.empty((B, H), hs.dtype) if cell == "gru" else None
 
         def launch():
@@ -87,5 +91,5 @@ class CudaBackend(HostBackend):
                                              cache.act, cache.cs, cache.hn, dhs, dxp, dhp, dc,
                                              direct, dh_rec)
 
-        if not self._persistent_ran(launch, cell, B, H, hs.dtype):
+        if not self._persistent_ran(launch, cell, T, B, H, hs.dtype):
             super()._backward_steps(cache, dhs, w_hh, dxp, dhp, dh_rec, dc)

@@ -317,6 +317,21 @@ def _compare_layer(be, cell, case, dhs, dtype):
             np.testing.assert_allclose(be.to_numpy(x), y, **tol, err_msg=name)
 
 
+@pytest.mark.parametrize("T", [1, 2])
+def test_one_step_windows_take_the_per_step_design(monkeypatch, T):
+    """A window of one step (names, T=1 sampling) runs the per-step design and the persistent
+    kernels do not compile for its batch size; two steps or more run the persistent ones."""
+    calls = []
+    for name in ("persistent_layer_forward", "persistent_layer_backward"):
+        real = getattr(ck, name)
+        monkeypatch.setattr(ck, name, lambda *a, _real=real, _n=name, **k: (calls.append(_n),
+                                                                          _real(*a, **k))[1])
+    case, dhs = _layer_case("lstm", T, 2, 5, np.float32, 3, True)
+    be = CudaBackend()
+    _compare_layer(be, "lstm", case, dhs, np.float32)
+    assert calls == ([] if T == 1 else ["persistent_layer_forward", "persistent_layer_backward"])
+
+
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("T,B,H", [(3, 1, 3), (2, 2, 5), (3, 3, 8)])
 @pytest.mark.parametrize("persistent", [True, False])
