@@ -317,6 +317,29 @@ def _compare_layer(be, cell, case, dhs, dtype):
             np.testing.assert_allclose(be.to_numpy(x), y, **tol, err_msg=name)
 
 
+class _DeviceArray:
+    """What _kind reads of a CuPy or numba device array."""
+
+    def __init__(self, shape, strides, dtype=np.float32):
+        self.shape, self.strides, self.dtype = shape, strides, np.dtype(dtype)
+        self.__cuda_array_interface__ = {}
+
+
+def test_direct_launch_kinds():
+    """The key that picks a compiled kernel for _run's direct launches: a device array's
+    dtype, ndim and C/F contiguity (size-1 dims take any stride), a scalar's type; None
+    for what only numba's own launch passes."""
+    assert ck._kind(_DeviceArray((3, 4), (16, 4))) == ("<f4", 2, True, False)
+    assert ck._kind(_DeviceArray((3, 4), (4, 12))) == ("<f4", 2, False, True)
+    assert ck._kind(_DeviceArray((3, 4), (32, 4))) == ("<f4", 2, False, False)  # a row slice
+    assert ck._kind(_DeviceArray((1, 4), (999, 4))) == ("<f4", 2, True, True)  # one row: both
+    assert ck._kind(_DeviceArray((5,), (8,), np.float64)) == ("<f8", 1, True, True)
+    assert ck._kind(_DeviceArray((5,), (16,), np.float64)) == ("<f8", 1, False, False)
+    assert [ck._kind(v) for v in (3, 0.5, np.float32(1))] == [int, float, np.float32]
+    assert ck._kind(np.zeros(3)) is None and ck._kind("x") is None
+    assert ck._kinds((1, np.zeros(2))) is None
+
+
 @pytest.mark.parametrize("T", [1, 2])
 def test_one_step_windows_take_the_per_step_design(monkeypatch, T):
     """A window of one step (names, T=1 sampling) runs the per-step design and the persistent
