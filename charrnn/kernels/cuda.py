@@ -29,8 +29,8 @@ summed). A thread sums ROWS batch rows x C columns in registers (a register tile
 shared-memory load feeds several FMAs); KS groups of threads split the rows k of each
 tile. U is the smallest that puts one block on each SM (every block reads the whole
 state each step: more blocks only read more), within SMEM_LIMIT and co-residency.
-Measured on an H100 (BENCHMARKS.md): a 3x512 layer window (T=100, B=64) takes 2.8 ms
-forward and 4.7 ms backward.
+Measured on an H100 (BENCHMARKS.md): a 3x512 layer window (T=100, B=64) takes 2.3 ms
+forward and 4.2 ms backward.
 
 Dimension letters: B=batch, H=hidden, G=gate blocks (4 LSTM, 3 GRU, 1 RNN), V=vocab,
 N=rows, D=columns, T=time, U=hidden units per block.
