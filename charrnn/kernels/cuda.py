@@ -29,8 +29,8 @@ summed). A thread sums ROWS batch rows x C columns in registers (a register tile
 shared-memory load feeds several FMAs); KS groups of threads split the rows k of each
 tile. U is the smallest that puts one block on each SM (every block reads the whole
 state each step: more blocks only read more), within SMEM_LIMIT and co-residency.
-Measured on an H100 (BENCHMARKS.md): a 3x512 layer window (T=100, B=64) takes 2.3 ms
-forward and 4.2 ms backward.
+Measured on an H100 (BENCHMARKS.md): a 3x512 layer window (T=100, B=64) takes 2.5 ms
+forward and 3.6 ms backward.
 
 Dimension letters: B=batch, H=hidden, G=gate blocks (4 LSTM, 3 GRU, 1 RNN), V=vocab,
 N=rows, D=columns, T=time, U=hidden units per block.
@@ -758,10 +758,10 @@ def _products_fn(C: int, BR: int):
     index within its k-split, NT0 threads a k-split). acc is indexed by constants only, so
     it stays in registers.
 
-    The inner loop walks two unsigned shared-memory indices (W's row, the state tile's row)
-    and reads at constant offsets from them (i, r*BR: BR is compiled in): a signed int64
-    index costs numba's negative-index wraparound and 64-bit arithmetic on every load, which
-    was 90 of the loop's 134 instructions per k row (SASS, 3x512 forward), for 12 loads
+    Every index is unsigned: a signed one costs numba's negative-index wraparound on each
+    access. The inner loop walks two shared-memory indices (W's row, the state tile's row)
+    and reads at constant offsets from them (i, r*BR: BR is compiled in); signed int64
+    indices were 90 of its 134 instructions per k row (SASS, 3x512 forward), for 12 loads
     and 32 FMAs."""
     key = ("products", C, BR, ROWS, PREFETCH)
     if key in _KERNELS:
@@ -778,19 +778,21 @@ def _products_fn(C: int, BR: int):
             acc[i] = 0
         for i in range(L):  # tile 0
             if prow[i] < KT and prow[i] < K:
-                pre[i] = src[prow[i], pcol[i]]
+                pre[i] = src[u64(prow[i]), u64(pcol[i])]
         dw, dh = u64(KS * NC), u64(KS * SB)  # the indices' steps from one k row to the next
+        so, sb = u64(boff), u64(SB)
         for k0 in range(0, K, KT):
             rows = min(KT, K - k0)
             cuda.syncthreads()  # every thread is done with the previous tile
             for i in range(L):
                 if prow[i] < rows:
-                    sm[boff + prow[i] * SB + pcol[i]] = pre[i]
+                    sm[so + u64(prow[i]) * sb + u64(pcol[i])] = pre[i]
             cuda.syncthreads()
             nxt = min(KT, K - k0 - KT)  # the next tile's rows, loaded during the sums
+            kn = u64(k0 + KT)
             for i in range(L):
                 if prow[i] < nxt:
-                    pre[i] = src[k0 + KT + prow[i], pcol[i]]
+                    pre[i] = src[kn + u64(prow[i]), u64(pcol[i])]
             kl = ks
             wb = u64((k0 + ks) * NC + col0)
             hb = u64(boff + ks * SB + bq)
@@ -808,22 +810,29 @@ def _products_fn(C: int, BR: int):
         # (deterministic), so it needs room for KS // 2 groups' sums, not KS.
         NT0 = cuda.blockDim.x // KS
         g = cuda.threadIdx.x - ks * NT0
+        n0 = u64(NT0)
         h = KS
         while h > 1:
             half = (h + 1) // 2  # groups [half, h) hand their sums to groups [0, h - half)
             cuda.syncthreads()
             if ks >= half and ks < h:
+                d = u64(boff + (ks - half) * R * C * NT0 + g)
                 for i in range(R * C):
-                    sm[boff + ((ks - half) * R * C + i) * NT0 + g] = acc[i]
+                    sm[d] = acc[i]
+                    d += n0
             cuda.syncthreads()
             if ks < h - half:
+                d = u64(boff + ks * R * C * NT0 + g)
                 for i in range(R * C):
-                    acc[i] += sm[boff + (ks * R * C + i) * NT0 + g]
+                    acc[i] += sm[d]
+                    d += n0
             h = half
         cuda.syncthreads()
         if ks == 0:
+            d = u64(boff + g)
             for i in range(R * C):
-                sm[boff + i * NT0 + g] = acc[i]
+                sm[d] = acc[i]
+                d += n0
         cuda.syncthreads()
 
     _KERNELS[key] = products
