@@ -4,7 +4,8 @@
              torch.profiler: the GPU kernels' total time against the wall time (the rest is
              the host: Python, launches, copies, syncs), and the costliest kernels.
   sync       the cost of one grid barrier (cuda.cg.this_grid().sync()) at the persistent
-             kernels' grid sizes, and the host cost of one numba launch on CuPy arrays.
+             kernels' grid sizes, and the host cost of a launch: numba's own (on CuPy and
+             on numba arrays), kernels/cuda.py's _run, CuPy's.
   layer      one persistent forward, one backward and one 256-character generation, each
              launched once: the program for Nsight Compute, as session 12 ran it:
                ncu --kernel-name-base mangled -k "regex:_forward_kernel|_backward_kernel|cooperative" \
@@ -88,24 +89,23 @@ def sync() -> None:
             print(f"grid sync, {blocks} blocks of {threads}: {type(e).__name__}: {e}")
     a = cupy.ones((64, 512), np.float32)
     o = cupy.empty((512, 64), np.float32)
-    for label, args in (("CuPy arrays", (a, a, 1, o)),
-                        ("numba arrays", (ck._dev(a), ck._dev(a), 1, ck._dev(o)))):
-        ck._launch(ck._masked_transpose_kernel, a.size, *args)
+    k, g = ck._masked_transpose_kernel, ck._grid(a.size)
+    da, do = cuda.as_cuda_array(a), cuda.as_cuda_array(o)
+    launches = {  # the same 4-argument kernel, three ways
+        "numba's launch, CuPy arrays": lambda: k[g, ck.THREADS](a, a, 1, o),
+        "numba's launch, numba arrays": lambda: k[g, ck.THREADS](da, da, 1, do),
+        "charrnn's _run, CuPy arrays": lambda: ck._run(k, g, ck.THREADS, 0, a, a, 1, o),
+        "a CuPy element-wise kernel": lambda: o.__setitem__(Ellipsis, a.T),
+    }
+    for label, launch in launches.items():
+        launch()  # compiles (or loads) the kernel
         cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(500):
-            ck._launch(ck._masked_transpose_kernel, a.size, *args)
+            launch()
         host = (time.perf_counter() - t0) / 500
         cuda.synchronize()
-        print(f"host cost of a 4-argument numba launch on {label}: {host * 1e6:.1f} us")
-    o[...] = a.T  # CuPy compiles (or loads) its kernel on the first call
-    cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(500):
-        o[...] = a.T
-    host = (time.perf_counter() - t0) / 500
-    cuda.synchronize()
-    print(f"host cost of a CuPy element-wise launch: {host * 1e6:.1f} us")
+        print(f"host cost of a launch, {label}: {host * 1e6:.1f} us")
 
 
 def layer() -> None:

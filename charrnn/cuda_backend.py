@@ -60,8 +60,9 @@ class CudaBackend(HostBackend):
     def _persistent_ran(self, launch, cell, T, B, H, dtype) -> bool:
         """Whether the persistent kernel took this layer window. Windows of one step take the
         per-step design: keeping W_hh on chip gains nothing over one step, and the persistent
-        kernels compile per batch size (kernels/cuda.py compiles B in), which a names round,
-        its batch shrinking every step, would pay at every step."""
+        kernels compile per batch size (kernels/cuda.py compiles BR = ceil(B/ROWS) in: a new
+        BR costs a forward compile and up to three backward ones), which a names round, its
+        batch shrinking every step, would pay at every step."""
         key = (cell, B, H, np.dtype(dtype).str)
         if not self.persistent or T < 2 or key in self.fallbacks:
             return False

@@ -22,6 +22,7 @@ if not cuda_usable():
                 allow_module_level=True)
 cp = pytest.importorskip("cupy", reason="device 'cuda' needs CuPy: pip install 'charrnn[cuda]'")
 
+from bench.persistent_sweep import layer_case, run_variant
 from charrnn.config import GATES, ModelConfig, TrainConfig
 from charrnn.cuda_backend import CudaBackend
 from charrnn.kernels import cpu, reference
@@ -98,6 +99,17 @@ def test_launches_after_the_first_skip_numbas_dispatch():
     want = (cp.asnumpy(h) * cp.asnumpy(mask)).T
     for out in outs:
         np.testing.assert_array_equal(cp.asnumpy(out), want)
+
+
+def test_persistent_launches_go_direct():
+    """The persistent kernels' second launches skip numba's dispatch too (a None entry would
+    mean numba's slower path for every launch, silently)."""
+    run_variant(ck, cp, layer_case(cp, T=3, B=8, H=32, G=4), cp.cuda.runtime.deviceSynchronize,
+                0.0)  # each kernel launched twice
+    fwd = ck._forward_kernel("lstm", np.float32, 1)
+    bwd = [ck._backward_kernel("lstm", np.float32, C, 1) for C in (1, 2, 4)]
+    entries = [v for (k, _), v in ck._DIRECT.items() if k is fwd or any(k is b for b in bwd)]
+    assert len(entries) >= 2 and all(e is not None for e in entries)
 
 
 def test_table_loss_sampling_and_optimizer_kernels():

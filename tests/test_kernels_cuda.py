@@ -322,13 +322,15 @@ class _DeviceArray:
 
     def __init__(self, shape, strides, dtype=np.float32):
         self.shape, self.strides, self.dtype = shape, strides, np.dtype(dtype)
+        self.size = int(np.prod(shape))
         self.__cuda_array_interface__ = {}
 
 
-def test_direct_launch_kinds():
+def test_direct_launch_kinds(monkeypatch):
     """The key that picks a compiled kernel for _run's direct launches: a device array's
     dtype, ndim and C/F contiguity (size-1 dims take any stride), a scalar's type; None
     for what only numba's own launch passes."""
+    monkeypatch.setattr(ck.cuda.devicearray, "is_cuda_ndarray", lambda a: isinstance(a, _DeviceArray))
     assert ck._kind(_DeviceArray((3, 4), (16, 4))) == ("<f4", 2, True, False)
     assert ck._kind(_DeviceArray((3, 4), (4, 12))) == ("<f4", 2, False, True)
     assert ck._kind(_DeviceArray((3, 4), (32, 4))) == ("<f4", 2, False, False)  # a row slice
@@ -338,6 +340,24 @@ def test_direct_launch_kinds():
     assert [ck._kind(v) for v in (3, 0.5, np.float32(1))] == [int, float, np.float32]
     assert ck._kind(np.zeros(3)) is None and ck._kind("x") is None
     assert ck._kinds((1, np.zeros(2))) is None
+
+
+def test_direct_launch_kinds_leave_other_arrays_to_numba(monkeypatch):
+    """Only numba and CuPy device arrays go direct (their fields are read); other array-
+    interface objects and empty arrays (numba types those C-contiguous whatever their
+    strides) keep numba's own launch."""
+    monkeypatch.setattr(ck.cuda.devicearray, "is_cuda_ndarray", lambda a: True)
+    assert ck._kind(_DeviceArray((3, 4), (16, 4))) == ("<f4", 2, True, False)
+    assert ck._kind(_DeviceArray((3, 0), (0, 0))) is None
+    monkeypatch.setattr(ck.cuda.devicearray, "is_cuda_ndarray", lambda a: False)
+    assert ck._kind(_DeviceArray((3, 4), (16, 4))) is None  # neither numba's nor CuPy's
+
+
+def test_flat_refuses_strided_arrays():
+    """A strided array would be reshaped into a copy, and the kernel would update the copy."""
+    assert ck._flat(np.zeros((2, 3))).shape == (6,)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        ck._flat(np.zeros((2, 6))[:, ::2])
 
 
 @pytest.mark.parametrize("T", [1, 2])
@@ -353,6 +373,7 @@ def test_one_step_windows_take_the_per_step_design(monkeypatch, T):
     be = CudaBackend()
     _compare_layer(be, "lstm", case, dhs, np.float32)
     assert calls == ([] if T == 1 else ["persistent_layer_forward", "persistent_layer_backward"])
+    assert not be.fallbacks  # the persistent kernels ran (a call that raised would fall back)
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -39,6 +39,7 @@ N=rows, D=columns, T=time, U=hidden units per block.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from typing import NamedTuple
 
@@ -104,7 +105,8 @@ def _launch(kernel, n: int, *args):
 # ~1,400, so that host time, not the GPU, set their pace. _run lets numba type and compile
 # a kernel's first call with each kind of arguments, then hands later calls' arguments to
 # the driver in the flattened form the compiled kernel takes, as numba itself does at the
-# end of its path (numba.cuda.dispatcher._Kernel.launch and _prepare_args).
+# end of its path (numba.cuda.dispatcher._Kernel.launch and _prepare_args). Like _SCRATCH,
+# it holds handles of the one CUDA context a process uses (no cuda.close or select_device).
 _DIRECT: dict = {}  # (dispatcher, argument kinds) -> (converters, cufunc kernel, cooperative) or None
 _CONFIGS: dict = {}  # (grid, block, shared bytes, cooperative) -> driver launch config
 
@@ -120,13 +122,22 @@ def _contiguous(shape, strides, itemsize: int, order: str) -> bool:
     return True
 
 
+def _is_device_array(a) -> bool:
+    """A numba device array or a CuPy array: the arrays whose fields _run reads."""
+    cupy = sys.modules.get("cupy")
+    return cuda.devicearray.is_cuda_ndarray(a) or (cupy is not None and
+                                                   isinstance(a, cupy.ndarray))
+
+
 def _kind(a):
-    """What picks a compiled kernel for argument a (its numba type follows from it): an
-    array's dtype, ndim and C/F contiguity, a scalar's Python type. None for what only
-    numba's own path passes (host arrays, other objects)."""
+    """What picks a compiled kernel for argument a (its numba type follows from it): a
+    device array's dtype, ndim and C/F contiguity, a scalar's Python type. None for what
+    only numba's own path passes: host arrays, other array-interface objects, and empty
+    arrays (numba types every empty array C-contiguous whatever its strides, so an empty
+    array's kernel could be taken for a later strided array's)."""
     if isinstance(a, (int, float, np.number)):
         return type(a)
-    if isinstance(a, np.ndarray) or not hasattr(a, "__cuda_array_interface__"):
+    if not _is_device_array(a) or a.size == 0:
         return None
     return (a.dtype.str, len(a.shape), _contiguous(a.shape, a.strides, a.dtype.itemsize, "C"),
             _contiguous(a.shape, a.strides, a.dtype.itemsize, "F"))
@@ -145,11 +156,15 @@ def _pointer(a) -> int:
 
 def _direct_entry(kernel, dev_args):
     """(converters, cufunc kernel, cooperative) of the kernel numba compiled for dev_args,
-    or None where numba's internals are not as expected (its own path is then used)."""
+    or None where numba's own launch does more than pass the arguments (debug builds read
+    back an error code, extensions convert arguments, launch-config-sensitive kernels pick
+    a dispatcher per launch) or its internals are not as expected."""
     import ctypes
 
     try:
         compiled = kernel.overloads[tuple(kernel.typeof_pyval(a) for a in dev_args)]
+        if compiled.debug or compiled.extensions or compiled.launch_config_sensitive:
+            return None
         convert = []
         for ty in compiled.argument_types:
             if isinstance(ty, numba.types.Array):
@@ -204,7 +219,10 @@ def _check_threads():
 
 
 def _flat(a):
-    """1-D view of a contiguous array (numpy, numba or CuPy)."""
+    """1-D view of a C-contiguous array (numpy, numba or CuPy). Anything else is refused:
+    CuPy would reshape a strided array into a copy, and a kernel would update the copy."""
+    if a.size and not _contiguous(a.shape, a.strides, a.dtype.itemsize, "C"):
+        raise ValueError(f"expected a C-contiguous array, got shape {a.shape} strides {a.strides}")
     return a.reshape(a.size) if a.ndim != 1 else a
 
 
@@ -864,7 +882,7 @@ def _forward_kernel(cell: str, dtype, BR: int):
     def kernel(xp, w_hh, b_hh, h0, c0, hmask, use_mask, U, KS, KT, SB, s0, s1, hT, hs, act, cs,
                hn):
         """Steps s0..s1-1 of one layer; this block's units j0..j0+Uk-1. A thread: unit jj,
-        its G gates (columns jj + q*U of the block's W), rows bq + r*BR. hT (2,H,B): step t
+        its G gates (columns jj*G + q of the block's W), rows bq + r*BR. hT (2,H,B): step t
         reads (h_{t-1} * mask).T from hT[(t+1) % 2] (the launcher fills hT[1] from h0) and
         writes its own into hT[t % 2]."""
         B, H = h0.shape
