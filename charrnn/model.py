@@ -177,6 +177,10 @@ class CharRNN:
             dmask = be.asarray(_dropout_mask(rng, (T, B, H), cfg.dropout, self.dtype)) if drop else None
             layers.append((x, lc, dmask))
             x = y * dmask if dmask is not None else y
+            # x alone carries this layer's output on: a name left on hs (or on the final
+            # c, a view of the window's cs) would keep the states that _drop_states_below
+            # forgets alive through the next layer's window (25 MiB at 3x512, at the peak)
+            del hs, hT, cT, lc, y
         logits = x.reshape(T * B, H) @ p["decoder.weight"].T + p["decoder.bias"]  # (N,V)
         xpm = be.xp
         new_state = State(xpm.stack(h_out), xpm.stack(c_out) if cfg.cell == "lstm" else None)
@@ -249,9 +253,7 @@ class CharRNN:
             dxp2 = dxp.reshape(T * B, GH)
             if k > 0:
                 if x is None:  # the layer below's h, forgotten with its states
-                    below = cache["layers"][k - 1][1]
-                    be.rebuild_states(below)
-                    x = below.hs
+                    x = self._rebuilt_states(cache["layers"][k - 1][1]).hs
                 g[f"rnn.weight_ih_l{k}"] = dxp2.T @ x.reshape(T * B, H)
                 # LSTM and RNN: both biases sit in the same sum, so their gradients are equal
                 g[f"rnn.bias_ih_l{k}"] = dxp2.sum(axis=0) if cfg.cell == "gru" else db_hh.copy()
@@ -270,6 +272,13 @@ class CharRNN:
                 g["rnn.bias_ih_l0"] = dtable.sum(axis=0)
             del dxp, dxp2, x  # before the layer below allocates its own
         return {n: g[n] for n in p}
+
+    def _rebuilt_states(self, lc):
+        """lc with its states back (HostBackend.rebuild_states). A function of its own so
+        that no name in backward's loop keeps the layer's cache, which the next layer down
+        would otherwise carry through its own backward (75 MiB at 3x512)."""
+        self.backend.rebuild_states(lc)
+        return lc
 
     # -- conveniences -----------------------------------------------------------------
     def num_params(self) -> int:
