@@ -188,7 +188,9 @@ def render(args, rows, results: dict) -> str:
                      "global-norm clipping at 5.0, Adam; hidden state carried across windows.")
     if "sample" in kinds:
         notes.append("Sampling: batch 1, temperature 0.8, one token per model call; charrnn "
-                     "through `charrnn.sampler.generate`.")
+                     "through `charrnn.sampler.generate`, on the CPU with float16 weight matrices "
+                     "(`charrnn sample`'s default there; the model computes in float32) unless "
+                     "the row says float32; torch in float32.")
     if "names" in kinds:
         notes.append("Names: charrnn's `generate_names` (n=1000, max_len=16, seen names allowed); "
                      "torch runs rounds of 1000 sequences stepped together (multinomial "

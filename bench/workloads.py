@@ -51,7 +51,7 @@ class Workload:
     vocab: int = 65  # V
     impls: tuple[str, ...] = (CHARRNN, TORCH)
     gpu: bool = False  # runs on get_backend("cuda") and torch's cuda device
-    half: bool = False  # sampling rows: float16 weight matrices (`charrnn sample --half`)
+    half: bool = False  # sampling rows: float16 weight matrices (`charrnn sample`'s CPU default)
     source: str = ""  # rss rows: the training row whose worker processes they read
     recompute: int = 0  # training rows: `--recompute N` (gates of the N lowest layers recomputed)
     torch_from: str = ""  # training rows: the row whose torch cells this one shows (the same work for torch)
@@ -78,15 +78,17 @@ CPU_WORKLOADS = (
              torch_from="train-3x512"),
     Workload("rss-3x512-recompute", "peak RSS, training 3x512, `--recompute 1`", "rss", "MiB",
              Goal("ratio_max", 0.5, "<=0.5x torch"), source="train-3x512-recompute"),
+    # Sampling rows time what `charrnn sample` does by default on the CPU: float16 weight
+    # matrices (the issue's own lever; the model still computes in float32).
     Workload("sample-3x512", "sample 3x512, batch 1, temp 0.8", "sample", "chars/s",
              Goal("abs_min", 4000, ">=4,000 chars/s"), 3, 512,
-             impls=(CHARRNN, TORCH, TORCH_NODNNL), issue_torch="102 / 618"),
-    Workload("sample-3x512-half", "sample 3x512, batch 1, temp 0.8, float16 weights", "sample",
-             "chars/s", Goal("abs_min", 4000, ">=4,000 chars/s"), 3, 512, impls=(CHARRNN,),
-             half=True),
+             impls=(CHARRNN, TORCH, TORCH_NODNNL), half=True, issue_torch="102 / 618"),
+    # float32 weights, beside the default: what the float16 default buys (no goal of its own)
+    Workload("sample-3x512-float32", "sample 3x512, batch 1, temp 0.8, float32 weights (`--no-half`)",
+             "sample", "chars/s", None, 3, 512, impls=(CHARRNN,), half=False),
     Workload("sample-2x128", "sample 2x128, batch 1, temp 0.8", "sample", "chars/s",
              Goal("abs_min", 50000, ">=50,000 chars/s"), 2, 128,
-             impls=(CHARRNN, TORCH, TORCH_NODNNL), issue_torch="2,516 / 3,925"),
+             impls=(CHARRNN, TORCH, TORCH_NODNNL), half=True, issue_torch="2,516 / 3,925"),
     Workload("names-1000", "1000 names, 2x128, <=16 steps", "names", "names/s",
              Goal("ratio_min", 2.0, ">=2x torch"), 2, 128, vocab=NAMES_VOCAB,
              impls=(CHARRNN, TORCH, TORCH_NODNNL), issue_torch="9,465"),

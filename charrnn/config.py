@@ -128,8 +128,8 @@ class SampleConfig:
     prime: str = ""  # text to condition on (echoed first)
     seed: int | None = None  # same seed, same text (None: fresh entropy)
     argmax: bool = False  # always take the most likely token (greedy)
-    # stream float16 weight matrices (CPU; ~1.5x faster at 3x512); None: when
-    # the checkpoint stores float16 (the same values, so the same text, in half the bytes)
+    # stream float16 weight matrices (CPU: ~2x faster at 3x512, loss change ~3e-6 nats/char;
+    # the CLI's default wherever the weights fit float16); False: float32, exactly the model
     half: bool | None = False
 
     def validate(self) -> SampleConfig:

@@ -41,10 +41,21 @@ def _start_context(vocab, prime: str, lines: bool) -> np.ndarray:
     return np.asarray(nl, np.int64)
 
 
+HALF_MAX = float(np.finfo(np.float16).max)
+
+
+def half_fits(model) -> bool:
+    """Whether every matrix that sampling with half=True streams (W_hh, W_ih of layers >= 1,
+    the decoder's; layer 0 reads its input table) fits float16's range."""
+    streamed = [n for n in model.params if n.startswith(("rnn.weight_hh", "decoder.weight")) or
+                (n.startswith("rnn.weight_ih") and not n.endswith("_l0"))]
+    return all(float(abs(model.params[n]).max(initial=0.0)) <= HALF_MAX for n in streamed)
+
+
 def _half(name: str, w: np.ndarray) -> np.ndarray:
     """w as float16, stored as its uint16 bits (what generate_ids takes)."""
     big = float(np.abs(w).max(initial=0.0))
-    if big > float(np.finfo(np.float16).max):
+    if big > HALF_MAX:
         raise ValueError(f"{name}: a weight of magnitude {big:g} overflows float16; "
                          "sample without half precision")
     return w.astype(np.float16).view(np.uint16)

@@ -52,8 +52,8 @@ def test_end_to_end_train_sample_eval_score_info(runner, tmp_path):
     primed = _ok(runner.invoke(main, ["sample", "-n", "10", "--prime", "All:", "--argmax"])).output
     assert primed.startswith("All:")
 
-    # An exported (float16) model streams its float16 weights by default: the very values it
-    # stores, in half the bytes, so the same text as upcasting them to float32 first.
+    # Sampling streams float16 weights by default. For an exported (float16) model those are
+    # the very values it stores, so the same text as upcasting them to float32 first.
     _ok(runner.invoke(main, ["export", str(run), "small.safetensors"]))
     calls = []
     from charrnn import sampler
@@ -66,9 +66,16 @@ def test_end_to_end_train_sample_eval_score_info(runner, tmp_path):
         full = _ok(runner.invoke(main, ["sample", "-c", "small.safetensors", "-n", "300", "--seed", "3",
                                         "--no-half"])).output
         _ok(runner.invoke(main, ["sample", "-n", "5", "--seed", "3"]))  # a float32 run checkpoint
+        # weights beyond float16's range: float32 unless asked, then one line
+        tensors, meta = checkpoint.load(run / "best.safetensors")
+        tensors["rnn.weight_hh_l0"][0, 0] = 7e4
+        checkpoint.save(tmp_path / "wide.safetensors", tensors, meta)
+        _ok(runner.invoke(main, ["sample", "-c", "wide.safetensors", "-n", "5", "--seed", "3"]))
+        _fails(runner, ["sample", "-c", "wide.safetensors", "-n", "5", "--half"],
+               "rnn.weight_hh: a weight of magnitude 70000 overflows float16")
     finally:
         sampler._fused_chunks = real
-    assert calls == [True, False, False]
+    assert calls == [True, False, True, False, True]
     assert auto == full
 
     ev = json.loads(_ok(runner.invoke(main, ["eval", "--json"])).output)

@@ -21,7 +21,7 @@ from charrnn.backend import get_backend
 from charrnn.config import ModelConfig, SampleConfig
 from charrnn.kernels import cpu, matvec, reference
 from charrnn.model import CharRNN, init_params
-from charrnn.sampler import CHUNK, generate
+from charrnn.sampler import CHUNK, generate, half_fits
 from charrnn.vocab import Vocab
 
 CELLS = ["lstm", "gru", "rnn"]
@@ -325,6 +325,17 @@ def test_half_fails_loudly():
     model.backend = SimpleNamespace(name="cuda", xp=np)  # any non-host backend
     with pytest.raises(ValueError, match="half-precision sampling runs on the CPU"):
         list(generate(model, vocab, SampleConfig(length=5, seed=1, half=True)))
+
+
+def test_half_fits_looks_at_the_streamed_matrices_only():
+    vocab = _vocab()
+    model = _model(vocab)
+    assert half_fits(model)
+    model.params["rnn.weight_ih_l0"][0, 0] = 1e5  # layer 0 reads its float32 input table
+    assert half_fits(model)
+    list(generate(model, vocab, SampleConfig(length=5, seed=1, half=True)))
+    model.params["decoder.weight"][0, 0] = -7e4
+    assert not half_fits(model)
 
 
 def test_zero_length_yields_nothing():
