@@ -180,7 +180,7 @@ def test_generate_ids_eos_resets_the_state(k, cell):
     assert not np.array_equal(_run(k, cfg, w, h, c, 1, 1.0, 0, 1.0, u, -1)[0], ids)
 
 
-@pytest.mark.parametrize("cell,H", [("lstm", 33), ("gru", 33), ("lstm", SHARED_H)])
+@pytest.mark.parametrize("cell,H", [("lstm", 33), ("gru", 33), ("rnn", 33), ("lstm", SHARED_H)])
 def test_generate_ids_float16_weights_match_reference(cell, H):
     cfg = ModelConfig(cell=cell, vocab_size=40, embed=6, hidden=H, layers=2, residual=True)
     rng = np.random.default_rng(13)
