@@ -52,7 +52,9 @@ class LayerCache:
 
     @property
     def states_dropped(self) -> bool:
-        return self.hs is None
+        """Whether HostBackend.drop_states forgot states that rebuild_states must refill: h,
+        or (an LSTM whose h is kept as the next layer's input) c alone."""
+        return self.hs is None or (self.cell == "lstm" and self.cs is None and self.act is not None)
 
 
 class HostBackend:
@@ -127,17 +129,22 @@ class HostBackend:
         self._forward_steps(cache.cell, xp, w_hh, b_hh, cache.h0, cache.c0, cache.hmask, cache.hs,
                             cache.act, cache.cs, cache.hn)
 
-    def drop_states(self, cache: LayerCache) -> bool:
+    def drop_states(self, cache: LayerCache, keep_h: bool = False) -> bool:
         """Forget the states the gates determine: LSTM c and h, GRU h (RNN keeps h: it has
         no gates). rebuild_states recomputes them bit for bit with an element-wise scan
         (measured 7.6 ms of a 1.4 s 3x512 step, 0.21 ms of an 11.5 ms 2x128 one), where a
         layer's recompute (LayerCache.drop_gates) reruns its GEMMs. The model drops them for
         the layers below the top, whose backward comes last: at 3x512 that is two (T,B,H)
         arrays, 25 MiB, a layer (the measured peak fell 494 -> 466 MiB). False where the
-        kernel module has no such scan (cuda.py) or the gates are gone."""
+        kernel module has no such scan (cuda.py) or the gates are gone. keep_h: h stays (the
+        model keeps it anyway, as the next layer's residual input), an LSTM forgets c alone."""
         if cache.act is None or not hasattr(self.k, f"{cache.cell}_states_from_gates"):
             return False
-        cache.hs = cache.cs = None
+        if keep_h and cache.cs is None:  # GRU: h is all its states
+            return False
+        cache.cs = None
+        if not keep_h:
+            cache.hs = None
         return True
 
     def rebuild_states(self, cache: LayerCache) -> None:
@@ -147,7 +154,8 @@ class HostBackend:
         X = self.xp
         T, B, GH = cache.act.shape
         H = GH // GATES[cache.cell]
-        cache.hs = X.empty((T, B, H), cache.act.dtype)
+        if cache.hs is None:  # a kept h is rewritten below with the values it holds
+            cache.hs = X.empty((T, B, H), cache.act.dtype)
         if cache.cell == "lstm":
             cache.cs = X.empty((T, B, H), cache.act.dtype)
             self.k.lstm_states_from_gates(cache.act, _c(X, cache.c0), cache.cs, cache.hs)

@@ -552,7 +552,7 @@ def sample(ckpt, length, temps, top_k, top_p, argmax, prime, seed, samples, half
     spin_for_generation()  # before anything starts numba's thread pool
     temps = temps or (SampleConfig.temperature,)
     cfgs = [SampleConfig(length, t, top_k, top_p, prime, None if seed is None else seed + k,
-                         argmax, half).validate()
+                         argmax).validate()
             for t in temps for k in range(samples)]
     run = _load(ckpt, device, "run")
     _say_which(ckpt, run)

@@ -130,7 +130,7 @@ class SampleConfig:
     argmax: bool = False  # always take the most likely token (greedy)
     # stream float16 weight matrices (CPU: ~2x faster at 3x512, loss change ~3e-6 nats/char;
     # the CLI's default wherever the weights fit float16); False: float32, exactly the model
-    half: bool | None = False
+    half: bool = False
 
     def validate(self) -> SampleConfig:
         if self.length < 0:

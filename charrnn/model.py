@@ -194,7 +194,9 @@ class CharRNN:
         forgotten h itself (no residual, no dropout); the backward then rebuilds it."""
         below = layers[k - 1][1]
         hs = below.hs
-        if not self.backend.drop_states(below):  # no scan on this backend, or recomputed gates
+        # with a residual, x (that h) is read again after this layer's window: it stays
+        keep_h = x is hs and self.cfg.residual
+        if not self.backend.drop_states(below, keep_h):  # no scan here, or recomputed gates
             return x
         # the final state's rows are views: alone they would keep the whole window alive
         h_out[k - 1] = h_out[k - 1].copy()
@@ -240,6 +242,7 @@ class CharRNN:
             cache["layers"][k] = None
             if dmask is not None:
                 dy *= dmask  # in place: dy is this pass's own array
+            del dmask  # (T,B,H), spent
             if lc.gates_dropped:
                 xp = self._input_projection(k, x, cache["ids"], cache["table"], T, B)
                 be.recompute_gates(lc, xp, p[f"rnn.weight_hh_l{k}"], p[f"rnn.bias_hh_l{k}"])

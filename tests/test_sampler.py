@@ -334,8 +334,10 @@ def test_half_fits_looks_at_the_streamed_matrices_only():
     model.params["rnn.weight_ih_l0"][0, 0] = 1e5  # layer 0 reads its float32 input table
     assert half_fits(model)
     list(generate(model, vocab, SampleConfig(length=5, seed=1, half=True)))
-    model.params["decoder.weight"][0, 0] = -7e4
-    assert not half_fits(model)
+    for name in ("decoder.weight", "rnn.weight_ih_l1", "rnn.weight_hh_l0"):  # streamed in float16
+        m = _model(vocab)
+        m.params[name][0, 0] = -7e4
+        assert not half_fits(m), name
 
 
 def test_zero_length_yields_nothing():
