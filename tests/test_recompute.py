@@ -97,13 +97,14 @@ def test_states_rebuilt_from_the_gates_give_the_same_gradients(device, dtype, ce
 
 class _Watch:
     """A backend as the given one that notes, at each layer's window, which arrays the model
-    has already let go of are still alive: forgotten states (forward) and the caches of
-    the layers whose backward is done (backward). A name left on one keeps it in memory at
-    the peak (seen: the forward's `hs` kept the states below for 25 MiB at 3x512; the
-    backward's `below` kept a whole layer's cache, 75 MiB, with --recompute 1)."""
+    has already let go of are still alive: forgotten states (forward), the caches of the
+    layers whose backward is done and their spent dropout masks (backward). A name left on
+    one keeps it in memory at the peak (seen: the forward's `hs` kept the states below for
+    25 MiB at 3x512; the backward's `below` kept a whole layer's cache, 75 MiB, with
+    --recompute 1; its `dmask` a (T,B,H) mask through the layer's backward)."""
 
     def __init__(self, be):
-        self._be, self.gone, self.alive = be, [], []
+        self._be, self.gone, self.alive, self.masks = be, [], [], []
 
     def __getattr__(self, name):
         return getattr(self._be, name)
@@ -124,11 +125,19 @@ class _Watch:
         self._forget([a for name, a in before.items() if getattr(cache, name) is None])
         return dropped
 
+    def asarray(self, a, dtype=None):
+        out = self._be.asarray(a, dtype)
+        if out.ndim == 3:  # a layer's (T,B,H) dropout mask, in the order of the layers
+            self.masks.append(out)
+        return out
+
     def layer_forward(self, *args):
         self._check("forward")
         return self._be.layer_forward(*args)
 
     def layer_backward(self, cache, *args):
+        if self.masks:  # this layer's, applied to dL/dy before its backward: spent
+            self._forget([self.masks.pop()])
         self._check("backward")
         out = self._be.layer_backward(cache, *args)
         self._note(cache)  # its arrays (dxp among them) are spent once the model has dL/dx
