@@ -309,3 +309,22 @@ print(seen)
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "['4']"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/clear_refs")
+def test_the_peak_profile_logs_every_layer_call_and_puts_the_methods_back():
+    from dataclasses import replace
+
+    from bench import peaks
+    from bench.workloads import ALL
+    from charrnn.backend import HostBackend
+
+    original = HostBackend.layer_forward
+    log = peaks.step_peaks(replace(ALL["train-2x128"], seq_len=4, batch=8, recompute=1))
+    names = [name for name, *_ in log]
+    # two layers: layer 0's gates come back by a rerun (recompute 1), layer 0's states never
+    # left, layer 1 is the top
+    assert names.count("layer_forward") == 2 and names.count("layer_backward") == 2
+    assert names.count("recompute_gates") == 1 and names.count("_input_projection") == 3
+    assert all(peak >= before and peak >= after > 0 for _, before, peak, after in log)
+    assert HostBackend.layer_forward is original
