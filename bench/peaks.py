@@ -27,6 +27,7 @@ import charrnn  # noqa: F401  (thread and allocator settings before numpy, as ou
 # isort: on
 
 from bench import ours
+from bench.worker import status_mib
 from bench.workloads import ALL
 from charrnn import backend, model
 
@@ -35,12 +36,8 @@ WATCHED = ((backend.HostBackend, ("layer_forward", "layer_backward", "recompute_
 WARM_STEPS = 2
 
 
-def _status_mib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) // 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
+def _mib(field: str) -> int:
+    return round(status_mib(field))
 
 
 def _reset_peak() -> None:
@@ -56,10 +53,10 @@ def _watched(log: list):
     def wrap(name, call):
         @functools.wraps(call)
         def watched(*args, **kwargs):
-            before = _status_mib("VmRSS")
+            before = _mib("VmRSS")
             _reset_peak()
             out = call(*args, **kwargs)
-            log.append((name, before, _status_mib("VmHWM"), _status_mib("VmRSS")))
+            log.append((name, before, _mib("VmHWM"), _mib("VmRSS")))
             _reset_peak()
             return out
 
@@ -103,7 +100,7 @@ def main(argv=None) -> int:
     for name, before, peak, after in log:
         print(f"{name:<20}{before:>8}{peak:>8}{after:>8}")
     print(f"highest peak within a call: {max(p for _, _, p, _ in log)} MiB (of which mapped from "
-          f"files, the libraries' pages: {_status_mib('RssFile')} MiB)")
+          f"files, the libraries' pages: {_mib('RssFile')} MiB)")
     return 0
 
 

@@ -27,7 +27,7 @@ class NotApplicable(RuntimeError):
     """The row cannot run here (e.g. torch without CUDA): the table says n/a, not error."""
 
 
-def _status_mib(field: str) -> float | None:
+def status_mib(field: str) -> float | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -41,7 +41,7 @@ def _status_mib(field: str) -> float | None:
 def peak_rss_mib() -> float:
     """This process's peak resident memory. VmHWM belongs to the address space made at exec;
     ru_maxrss would also count the parent's peak, which Linux carries across exec."""
-    peak = _status_mib("VmHWM")
+    peak = status_mib("VmHWM")
     if peak is not None:
         return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # no /proc: KiB on Linux
@@ -53,7 +53,7 @@ def file_rss_mib() -> float | None:
     library's pages a process maps depends on how the file entered the page cache: right
     after pip wrote libllvmlite.so, importing it mapped 104 MiB; after the cache had dropped
     and reread it, 43 MiB. The rest of the peak is the process's own (anonymous) memory."""
-    return _status_mib("RssFile")
+    return status_mib("RssFile")
 
 
 def run_ours(w, plan) -> dict:
