@@ -1,12 +1,12 @@
 """`python -m bench.peaks [ROW] [--recompute N]`: where a training step's memory peaks.
 
 Runs the bench's train step of ROW (default train-3x512; bench/ours.py, the same step as the
-rows of `make bench`) a few times, then once more with the kernel's peak-RSS mark (VmHWM)
-reset around each layer-level call (/proc/self/clear_refs, Linux): for each call, the
-resident memory before it, its peak during the call and after it, in MiB of the whole
-process. A call whose `before` is higher than the arrays it should still hold explain has
-a leak above it; this is how session 13 found names in the model that kept freed layers
-alive (BENCHMARKS.md notes).
+rows of `make bench`) twice, then once more with the kernel's peak-RSS mark (VmHWM) reset
+around each layer-level call (/proc/self/clear_refs, Linux): for each call, the resident
+memory before it, its peak during the call and after it, in MiB of the whole process. A
+`before` above what the arrays still needed at that point account for points at a leak
+earlier in the step: this is how session 13 found names in the model that kept freed
+layers alive (BENCHMARKS.md notes).
 
 glibc keeps freed heap blocks resident (charrnn/__init__.py), so `before` includes that
 slack; run with MALLOC_MMAP_THRESHOLD_=4194304 in the environment to see live memory only
