@@ -4,8 +4,8 @@ A measurement is a `step(k)` callable that does k units of work (training steps,
 sampled characters, generate_names calls) and returns how many items (characters, names) it
 produced. The first call pays for numba's compilation or cache load and is never timed;
 then the units per repeat are chosen so that a repeat lasts about `target_s`. A call can
-have a fixed cost besides its units (sampling prepares its weights once per `generate`:
-~30 ms, against ~10 ms for a 50-character unit at 3x512), so the estimate doubles a call's
+have a fixed cost besides its units (a `generate` call starts its chunk loop, encodes its
+context and builds its first state), so the estimate doubles a call's
 units until that adds a tenth of a repeat: the difference is units' time without the fixed
 cost. Every repeat then gives one items-per-second rate.
 """

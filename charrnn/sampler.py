@@ -19,6 +19,7 @@ Dimension letters: T=time, B=batch, V=vocab, L=layers, H=hidden, G=gate blocks.
 from __future__ import annotations
 
 import codecs
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -63,8 +64,7 @@ def _half(name: str, w: np.ndarray) -> np.ndarray:
 
 def _stacked_weights(model, xp):
     """generate_ids' weights as arrays of xp: w_ih (L-1,G*H,H), b_ih (L-1,G*H),
-    w_hh (L,G*H,H), b_hh (L,G*H), dec_w (V,H). Stacked once per generate call: layers >= 1
-    all have width H."""
+    w_hh (L,G*H,H), b_hh (L,G*H), dec_w (V,H). Layers >= 1 all have width H."""
     p, mc = model.params, model.cfg
     L, H, GH = mc.layers, mc.hidden, mc.gates * mc.hidden
     w_ih = xp.zeros((L - 1, GH, H), model.dtype)
@@ -74,6 +74,38 @@ def _stacked_weights(model, xp):
     w_hh = xp.stack([p[f"rnn.weight_hh_l{k}"] for k in range(L)])
     b_hh = xp.stack([p[f"rnn.bias_hh_l{k}"] for k in range(L)])
     return w_ih, b_ih, w_hh, b_hh, p["decoder.weight"]
+
+
+@dataclass
+class Prepared:
+    """What generate reads from a model besides its state, made once (`prepare`) for any
+    number of generate calls: at 3x512 that is ~31 ms with float16 weights (numpy converts
+    25 MB), as long as 170 characters take."""
+
+    half: bool  # the stacked matrices hold float16 bits
+    table: object  # (V,G*H) layer-0 input projections, on the backend
+    weights: tuple | None  # _stacked_weights (halved if half), or None: stepwise generation
+
+
+def prepare(model, half: bool = False) -> Prepared:
+    """The model's table and stacked weights for generate (float16 matrices if `half`; host
+    backends only). The model's parameters must not change while it is in use."""
+    on_cuda = model.backend.name == "cuda"  # a HostBackend subclass, with its own generator
+    if half and (on_cuda or not isinstance(model.backend, HostBackend)):
+        raise ValueError(f"half-precision sampling runs on the CPU, not on {model.backend.name!r}; "
+                         "use --device cpu")
+    weights = None
+    if isinstance(model.backend, HostBackend) and not on_cuda:
+        weights = _stacked_weights(model, np)
+        if half:
+            w_ih, b_ih, w_hh, b_hh, dec_w = weights
+            w_ih, w_hh, dec_w = (_half(n, w) for n, w in (("rnn.weight_ih", w_ih),
+                                                           ("rnn.weight_hh", w_hh),
+                                                           ("decoder.weight", dec_w)))
+            weights = (w_ih, b_ih, w_hh, b_hh, dec_w)
+    elif on_cuda and _fits_device(model):
+        weights = _stacked_weights(model, model.backend.xp)
+    return Prepared(half, model.input_table(), weights)
 
 
 def _generated(model, gen, table, weights, h, c, cur: int, rng, cfg: SampleConfig, top_k: int,
@@ -95,31 +127,27 @@ def _generated(model, gen, table, weights, h, c, cur: int, rng, cfg: SampleConfi
         yield ids
 
 
-def _fused_chunks(model, table, state, cur: int, rng, cfg: SampleConfig, top_k: int, eos: int,
-                  half: bool):
-    """Host backends: the kernel module's generate_ids, float16 weights if `half`."""
-    w_ih, b_ih, w_hh, b_hh, dec_w = _stacked_weights(model, np)
-    if half:
-        w_ih, w_hh, dec_w = (_half(n, w) for n, w in (("rnn.weight_ih", w_ih),
-                                                       ("rnn.weight_hh", w_hh),
-                                                       ("decoder.weight", dec_w)))
+def _fused_chunks(model, prep: Prepared, state, cur: int, rng, cfg: SampleConfig, top_k: int,
+                  eos: int):
+    """Host backends: the kernel module's generate_ids over prep's weights."""
     h = np.ascontiguousarray(state.h[:, 0])  # (L,H)
     # GRU and RNN have no cell state; the kernel leaves this placeholder alone.
     c = (np.ascontiguousarray(state.c[:, 0]) if state.c is not None
          else np.zeros((0, 0), model.dtype))
-    yield from _generated(model, model.backend.k.generate_ids, table,
-                          (w_ih, b_ih, w_hh, b_hh, dec_w), h, c, cur, rng, cfg, top_k, eos)
+    yield from _generated(model, model.backend.k.generate_ids, prep.table, prep.weights, h, c,
+                          cur, rng, cfg, top_k, eos)
 
 
-def _device_chunks(model, table, state, cur: int, rng, cfg: SampleConfig, top_k: int, eos: int):
+def _device_chunks(model, prep: Prepared, state, cur: int, rng, cfg: SampleConfig, top_k: int,
+                   eos: int):
     """The CUDA backend: cuda_generate.generate_ids, weights and state kept on the device."""
     from charrnn.kernels import cuda_generate
 
     X = model.backend.xp
     h = X.ascontiguousarray(state.h[:, 0])  # (L,H)
     c = X.ascontiguousarray(state.c[:, 0]) if state.c is not None else None  # (L,H) LSTM
-    yield from _generated(model, cuda_generate.generate_ids, table, _stacked_weights(model, X),
-                          h, c, cur, rng, cfg, top_k, eos)
+    yield from _generated(model, cuda_generate.generate_ids, prep.table, prep.weights, h, c, cur,
+                          rng, cfg, top_k, eos)
 
 
 def _fits_device(model) -> bool:
@@ -129,10 +157,11 @@ def _fits_device(model) -> bool:
     return not cuda_generate.unavailable(model.cfg.hidden, model.cfg.gates, model.dtype)
 
 
-def _stepwise_chunks(model, table, state, cur: int, rng, cfg: SampleConfig, top_k: int, eos: int):
+def _stepwise_chunks(model, prep: Prepared, state, cur: int, rng, cfg: SampleConfig, top_k: int,
+                     eos: int):
     """Yield ids (n,) CHUNK at a time, one model.forward per character (the fallback of
     device backends)."""
-    be = model.backend
+    be, table = model.backend, prep.table
     x = np.zeros((1, 1), np.int64)  # (T=1, B=1)
     pick = np.zeros(1, np.int64)  # (B=1,)
     left = cfg.length
@@ -152,29 +181,30 @@ def _stepwise_chunks(model, table, state, cur: int, rng, cfg: SampleConfig, top_
         yield out
 
 
-def generate(model, vocab, cfg: SampleConfig, lines: bool = False):
+def generate(model, vocab, cfg: SampleConfig, lines: bool = False, prep: Prepared | None = None):
     """Yield generated text piece by piece (cfg.length tokens; the prime is not included).
-    cfg.half samples with float16 weight matrices (host backends)."""
+    cfg.half samples with float16 weight matrices (host backends). prep: `prepare(model,
+    cfg.half)` made once for several calls (default: made here)."""
     cfg.validate()
+    if prep is None:
+        prep = prepare(model, cfg.half)
+    elif prep.half != cfg.half:
+        raise ValueError(f"prep holds {'float16' if prep.half else 'float32'} weights, "
+                         f"cfg.half is {cfg.half}")
     rng = np.random.default_rng(cfg.seed)
-    table = model.input_table()
     top_k = 1 if cfg.argmax else cfg.top_k
     context = _start_context(vocab, cfg.prime, lines)
     state = model.zero_state(1)
     if len(context) > 1:
-        _, state, _ = model.forward(context[:-1, None], state, table=table)
+        _, state, _ = model.forward(context[:-1, None], state, table=prep.table)
     eos = vocab.eos_id if lines else -1
-    args = (model, table, state, int(context[-1]), rng, cfg, top_k, eos)
-    on_cuda = model.backend.name == "cuda"  # a HostBackend subclass, with its own generator
-    if isinstance(model.backend, HostBackend) and not on_cuda:
-        chunks = _fused_chunks(*args, cfg.half)
-    elif cfg.half:
-        raise ValueError(f"half-precision sampling runs on the CPU, not on {model.backend.name!r}; "
-                         "use --device cpu")
-    elif on_cuda and _fits_device(model):
+    args = (model, prep, state, int(context[-1]), rng, cfg, top_k, eos)
+    if prep.weights is None:
+        chunks = _stepwise_chunks(*args)
+    elif model.backend.name == "cuda":
         chunks = _device_chunks(*args)
     else:
-        chunks = _stepwise_chunks(*args)
+        chunks = _fused_chunks(*args)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace") if vocab.kind == "bytes" else None
     for ids in chunks:
         # <eos> decodes to a newline: a lines model's samples come out one per line.

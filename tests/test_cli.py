@@ -58,9 +58,8 @@ def test_end_to_end_train_sample_eval_score_info(runner, tmp_path):
     calls = []
     from charrnn import sampler
 
-    real = sampler._fused_chunks
-    monkey = lambda *a: calls.append(a[-1]) or real(*a)
-    sampler._fused_chunks = monkey
+    real = sampler.prepare
+    sampler.prepare = lambda model, half: calls.append(half) or real(model, half)
     try:
         auto = _ok(runner.invoke(main, ["sample", "-c", "small.safetensors", "-n", "300", "--seed", "3"])).output
         full = _ok(runner.invoke(main, ["sample", "-c", "small.safetensors", "-n", "300", "--seed", "3",
@@ -74,7 +73,7 @@ def test_end_to_end_train_sample_eval_score_info(runner, tmp_path):
         _fails(runner, ["sample", "-c", "wide.safetensors", "-n", "5", "--half"],
                "rnn.weight_hh: a weight of magnitude 70000 overflows float16")
     finally:
-        sampler._fused_chunks = real
+        sampler.prepare = real
     assert calls == [True, False, True, False, True]
     assert auto == full
 

@@ -17,11 +17,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from charrnn import sampler
 from charrnn.backend import get_backend
 from charrnn.config import ModelConfig, SampleConfig
 from charrnn.kernels import cpu, matvec, reference
 from charrnn.model import CharRNN, init_params
-from charrnn.sampler import CHUNK, generate, half_fits
+from charrnn.sampler import CHUNK, generate, half_fits, prepare
 from charrnn.vocab import Vocab
 
 CELLS = ["lstm", "gru", "rnn"]
@@ -338,6 +339,22 @@ def test_half_fits_looks_at_the_streamed_matrices_only():
         m = _model(vocab)
         m.params[name][0, 0] = -7e4
         assert not half_fits(m), name
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_one_preparation_serves_many_samples(monkeypatch, half):
+    vocab = _vocab()
+    model = _model(vocab)
+    cfgs = [SampleConfig(length=40, seed=s, temperature=t, half=half) for s, t in ((1, 0.8), (2, 1.3))]
+    want = ["".join(generate(model, vocab, cfg)) for cfg in cfgs]
+    prep = prepare(model, half)
+    stacked = []
+    real = sampler._stacked_weights
+    monkeypatch.setattr(sampler, "_stacked_weights", lambda *a: stacked.append(1) or real(*a))
+    assert ["".join(generate(model, vocab, cfg, prep=prep)) for cfg in cfgs] == want
+    assert stacked == []  # nothing stacked (or halved) again
+    with pytest.raises(ValueError, match="prep holds"):
+        list(generate(model, vocab, SampleConfig(length=5, seed=1, half=not half), prep=prep))
 
 
 def test_zero_length_yields_nothing():
