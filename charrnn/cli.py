@@ -858,6 +858,7 @@ def info(ckpt, as_json):
         "format_version": run.meta.get("format_version"),
         "model": asdict(run.model_cfg),
         "parameters": run.model.num_params(),
+        "stored_as": "float16" if run.stored_half else "float32",  # exported files: float16
         "vocab_size": len(run.vocab),
         "vocab": "".join(tok if len(tok) == 1 else "" for tok in run.vocab.tokens),
         "specials": run.meta.get("specials", {}),
@@ -881,7 +882,7 @@ def info(ckpt, as_json):
         f"checkpoint  {summary['checkpoint']} (format {summary['format_version']})",
         (f"model       {m['cell']} {m['layers']}x{m['hidden']}, embed {m['embed']}, dropout {m['dropout']}, "
          f"rec-dropout {m['rec_dropout']}, residual {m['residual']}"),
-        f"parameters  {summary['parameters']:,}",
+        f"parameters  {summary['parameters']:,}, stored as {summary['stored_as']}",
         (f"vocab       {summary['vocab_size']} tokens ({summary['mode']} mode): {summary['vocab']!r}"
          + "".join(f" + {tok}" for tok in run.vocab.tokens if len(tok) > 1)),
         (f"trained     step {summary['step']}, epoch {summary['epoch'] or 0:.2f}, "

@@ -168,8 +168,8 @@ class Loaded:
             raise CheckpointError(f"{path}: weight {bad} holds nan or inf; hint: the file is "
                                   "damaged or was saved from weights that blew up; use another "
                                   "checkpoint")
-        # Weights stored in float16 (exported models): sampling streams them as float16 by
-        # default, the very same values in half the bytes (the model computes in float32).
+        # Weights stored in float16 (exported and shipped models; `info` says so). Sampling
+        # streams float16 by default either way; for these that is the very values stored.
         self.stored_half = any(a.dtype == np.float16 for a in params.values())
         backend = backend or get_backend(device)  # outside the try: a missing GPU is not a damaged file
         try:

@@ -90,6 +90,9 @@ def test_end_to_end_train_sample_eval_score_info(runner, tmp_path):
     assert inf["model"]["hidden"] == 16 and inf["step"] == 30 and inf["mode"] == "stream"
     assert inf["command"].startswith("charrnn train")
     assert "parameters" in _ok(runner.invoke(main, ["info"])).output
+    assert inf["stored_as"] == "float32"  # a run's checkpoint; its export stores float16
+    shown = _ok(runner.invoke(main, ["info", "-c", "small.safetensors"])).output
+    assert "stored as float16" in shown
 
 
 def test_resume_continues_to_new_step_count(runner, tmp_path):
