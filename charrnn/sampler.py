@@ -45,23 +45,6 @@ def _start_context(vocab, prime: str, lines: bool) -> np.ndarray:
 HALF_MAX = float(np.finfo(np.float16).max)
 
 
-def half_fits(model) -> bool:
-    """Whether every matrix that sampling with half=True streams (W_hh, W_ih of layers >= 1,
-    the decoder's; layer 0 reads its input table) fits float16's range."""
-    streamed = [n for n in model.params if n.startswith(("rnn.weight_hh", "decoder.weight")) or
-                (n.startswith("rnn.weight_ih") and not n.endswith("_l0"))]
-    return all(float(abs(model.params[n]).max(initial=0.0)) <= HALF_MAX for n in streamed)
-
-
-def _half(name: str, w: np.ndarray) -> np.ndarray:
-    """w as float16, stored as its uint16 bits (what generate_ids takes)."""
-    big = float(np.abs(w).max(initial=0.0))
-    if big > HALF_MAX:
-        raise ValueError(f"{name}: a weight of magnitude {big:g} overflows float16; "
-                         "sample without half precision")
-    return w.astype(np.float16).view(np.uint16)
-
-
 def _stacked_weights(model, xp):
     """generate_ids' weights as arrays of xp: w_ih (L-1,G*H,H), b_ih (L-1,G*H),
     w_hh (L,G*H,H), b_hh (L,G*H), dec_w (V,H). Layers >= 1 all have width H."""
@@ -87,25 +70,34 @@ class Prepared:
     weights: tuple | None  # _stacked_weights (halved if half), or None: stepwise generation
 
 
-def prepare(model, half: bool = False) -> Prepared:
-    """The model's table and stacked weights for generate (float16 matrices if `half`; host
-    backends only). The model's parameters must not change while it is in use."""
+def prepare(model, half: bool | None = False) -> Prepared:
+    """The model's table and stacked weights for generate. half: float16 matrices (host
+    backends only; a weight beyond float16's range is an error); None: float16 where it can
+    be (a host backend, every streamed matrix within range), else float32 (`charrnn sample`'s
+    default). The model's parameters must not change while it is in use."""
     on_cuda = model.backend.name == "cuda"  # a HostBackend subclass, with its own generator
-    if half and (on_cuda or not isinstance(model.backend, HostBackend)):
+    host = isinstance(model.backend, HostBackend) and not on_cuda
+    if half and not host:
         raise ValueError(f"half-precision sampling runs on the CPU, not on {model.backend.name!r}; "
                          "use --device cpu")
     weights = None
-    if isinstance(model.backend, HostBackend) and not on_cuda:
-        weights = _stacked_weights(model, np)
-        if half:
-            w_ih, b_ih, w_hh, b_hh, dec_w = weights
-            w_ih, w_hh, dec_w = (_half(n, w) for n, w in (("rnn.weight_ih", w_ih),
-                                                           ("rnn.weight_hh", w_hh),
-                                                           ("decoder.weight", dec_w)))
+    if host:
+        w_ih, b_ih, w_hh, b_hh, dec_w = weights = _stacked_weights(model, np)
+        if half is not False:
+            # the matrices generate_ids streams (layer 0 reads its float32 input table)
+            streamed = {"rnn.weight_ih": w_ih, "rnn.weight_hh": w_hh, "decoder.weight": dec_w}
+            big = {n: float(np.abs(w).max(initial=0.0)) for n, w in streamed.items()}
+            over = next((n for n, b in big.items() if b > HALF_MAX), None)
+            if half and over is not None:
+                raise ValueError(f"{over}: a weight of magnitude {big[over]:g} overflows float16; "
+                                 "sample without half precision")
+            half = over is None
+        if half:  # float16, stored as uint16 bits (what generate_ids takes)
+            w_ih, w_hh, dec_w = (w.astype(np.float16).view(np.uint16) for w in (w_ih, w_hh, dec_w))
             weights = (w_ih, b_ih, w_hh, b_hh, dec_w)
     elif on_cuda and _fits_device(model):
         weights = _stacked_weights(model, model.backend.xp)
-    return Prepared(half, model.input_table(), weights)
+    return Prepared(bool(half), model.input_table(), weights)
 
 
 def _generated(model, gen, table, weights, h, c, cur: int, rng, cfg: SampleConfig, top_k: int,

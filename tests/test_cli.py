@@ -59,7 +59,16 @@ def test_end_to_end_train_sample_eval_score_info(runner, tmp_path):
     from charrnn import sampler
 
     real = sampler.prepare
-    sampler.prepare = lambda model, half: calls.append(half) or real(model, half)
+
+    def spy(model, half):  # the precision asked for, or the default's pick
+        if half is not None:
+            calls.append(half)
+        prep = real(model, half)
+        if half is None:
+            calls.append(prep.half)
+        return prep
+
+    sampler.prepare = spy
     try:
         auto = _ok(runner.invoke(main, ["sample", "-c", "small.safetensors", "-n", "300", "--seed", "3"])).output
         full = _ok(runner.invoke(main, ["sample", "-c", "small.safetensors", "-n", "300", "--seed", "3",

@@ -22,7 +22,7 @@ from charrnn.backend import get_backend
 from charrnn.config import ModelConfig, SampleConfig
 from charrnn.kernels import cpu, matvec, reference
 from charrnn.model import CharRNN, init_params
-from charrnn.sampler import CHUNK, generate, half_fits, prepare
+from charrnn.sampler import CHUNK, generate, prepare
 from charrnn.vocab import Vocab
 
 CELLS = ["lstm", "gru", "rnn"]
@@ -328,17 +328,20 @@ def test_half_fails_loudly():
         list(generate(model, vocab, SampleConfig(length=5, seed=1, half=True)))
 
 
-def test_half_fits_looks_at_the_streamed_matrices_only():
+def test_the_default_precision_looks_at_the_streamed_matrices_only():
+    # prepare(model, None): float16 where every matrix generate_ids streams fits it
     vocab = _vocab()
     model = _model(vocab)
-    assert half_fits(model)
+    assert prepare(model, None).half
     model.params["rnn.weight_ih_l0"][0, 0] = 1e5  # layer 0 reads its float32 input table
-    assert half_fits(model)
+    assert prepare(model, None).half
     list(generate(model, vocab, SampleConfig(length=5, seed=1, half=True)))
     for name in ("decoder.weight", "rnn.weight_ih_l1", "rnn.weight_hh_l0"):  # streamed in float16
         m = _model(vocab)
         m.params[name][0, 0] = -7e4
-        assert not half_fits(m), name
+        assert not prepare(m, None).half, name
+    m.backend = SimpleNamespace(name="cuda", xp=np)  # not a host backend: float32, no error
+    assert not prepare(m, None).half
 
 
 @pytest.mark.parametrize("half", [False, True])
