@@ -1,8 +1,8 @@
 """Optimisation: Adam / AdamW, global-norm gradient clipping, and the learning-rate schedule.
 
 The arithmetic lives in the kernel module handed in (`charrnn.kernels.reference`, `.cpu` or
-the CUDA twin): `adam_update` updates one parameter in place and `sum_squares_total` feeds the
-global norm. This module only keeps the state (moments, step count) and decides which
+the CUDA twin): `adam_update_all` updates every parameter in place and `sum_squares_total`
+feeds the global norm. This module only keeps the state (moments, step count) and decides which
 parameters are decayed, so every backend runs the same optimizer.
 """
 
@@ -90,9 +90,11 @@ class Adam:
             if g.shape != p.shape:
                 raise ValueError(f"gradient {name} has shape {tuple(g.shape)}, parameter has "
                                  f"{tuple(p.shape)}; hint: gradients must match their parameters")
-            l2, decay = self._decay(p)
-            self.k.adam_update(p, g, self.m[name], self.v[name], lr, self.beta1, self.beta2,
-                               self.eps, bc1, bc2, l2, decay)
+        names = list(self.params)
+        l2s, decays = zip(*(self._decay(self.params[n]) for n in names))
+        self.k.adam_update_all([self.params[n] for n in names], [grads[n] for n in names],
+                               [self.m[n] for n in names], [self.v[n] for n in names], lr,
+                               self.beta1, self.beta2, self.eps, bc1, bc2, l2s, decays)
 
     def state_tensors(self) -> dict[str, np.ndarray]:
         """Host copies of the moments, named for the checkpoint ("train." is never halved)."""

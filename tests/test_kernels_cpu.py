@@ -369,6 +369,58 @@ def test_adam_update_matches_reference(shape, dtype, l2, decay):
         np.testing.assert_array_equal(a, b)
 
 
+
+def _model_like_arrays(rng, dtype):
+    """A model's worth of parameter-shaped arrays: sizes on both sides of the chunk size,
+    an empty one, and enough elements in all for the threaded path."""
+    shapes = [(65, 32), (4 * cpu.CHEAP_CHUNK + 5,), (cpu.CHEAP_CHUNK,), (0,), (3,), (257, 129), (1,)]
+    return [_randn(rng, s, dtype, 0.5) for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [1, 1000])  # 1000: all arrays under the threaded size
+def test_adam_update_all_equals_one_update_a_parameter(dtype, scale):
+    """One parallel region over all parameters, each with its own l2 and decay, leaves the
+    same bits as the reference's update of one parameter at a time."""
+    rng = np.random.default_rng(scale)
+    ps = [a.reshape(-1)[: -(-a.size // scale)].copy() for a in _model_like_arrays(rng, dtype)]
+    n = len(ps)
+    l2s = [0.0, 0.01, 0.0, 0.0, 0.02, 0.0, 0.0][:n]
+    decays = [0.1, 0.0, 0.0, 0.05, 0.0, 0.1, 0.0][:n]
+    want = [[p.copy(), np.zeros_like(p), np.zeros_like(p)] for p in ps]
+    got = [[p.copy(), np.zeros_like(p), np.zeros_like(p)] for p in ps]
+    for t in range(1, 4):
+        gs = [_randn(rng, p.shape, dtype, 0.1) for p in ps]
+        args = (2e-3, 0.9, 0.999, 1e-8, 1 - 0.9**t, 1 - 0.999**t)
+        for (p, m, v), g, l2, decay in zip(want, gs, l2s, decays):
+            reference.adam_update(p, g, m, v, *args, l2, decay)
+        cpu.adam_update_all([s[0] for s in got], gs, [s[1] for s in got], [s[2] for s in got],
+                            *args, l2s, decays)
+    for w, g in zip(want, got):
+        for a, b in zip(w, g):
+            np.testing.assert_array_equal(b, a)
+    cpu.adam_update_all([], [], [], [], *args, [], [])  # nothing to update: no kernel call
+    with pytest.raises(ValueError, match="one dtype"):
+        q = [np.zeros(3, np.float32), np.zeros(3, np.float64)]
+        cpu.adam_update_all(q, q, q, q, *args, [0.0, 0.0], [0.0, 0.0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sum_squares_total_is_the_arrays_sums_added_in_order(dtype):
+    """One kernel over every array gives the bits of summing each array alone, then the
+    sums in order (the global norm does not move with this change, nor with threads)."""
+    rng = np.random.default_rng(7)
+    arrays = _model_like_arrays(rng, dtype) + [_randn(rng, (300, 257), dtype)[:, ::3]]
+    want = 0.0
+    for a in arrays:
+        want += cpu.sum_squares(a)
+    assert cpu.sum_squares_total(arrays) == want
+    assert cpu.sum_squares_total(arrays) == pytest.approx(reference.sum_squares_total(arrays), rel=1e-12)
+    mixed = [arrays[0].astype(np.float32), arrays[1].astype(np.float64)]  # one float64 tuple
+    assert cpu.sum_squares_total(mixed) == cpu.sum_squares(mixed[0]) + cpu.sum_squares(mixed[1])
+    assert cpu.sum_squares_total([]) == 0.0
+
+
 # ------------------------------------------------------------------ sum of squares
 
 
@@ -390,8 +442,8 @@ def test_the_flat_kernels_compile_once_for_every_shape():
         cpu.adam_update(p, g, m, np.abs(v), 1e-3, 0.9, 0.999, 1e-8, 0.1, 0.001, 0.0, 0.0)
         cpu.sum_squares(g)
     cpu.sum_squares(_randn(rng, (6, 6), np.float32)[:, ::2])  # a strided view: copied to sum
-    for kernel in (cpu._adam_flat, cpu._sum_squares_flat):
-        arrays = {str(t) for sig in kernel.signatures for t in sig if "float32" in str(t)}
+    for kernel in (cpu._adam_all, cpu._sum_squares_all):  # their arguments: tuples of arrays
+        arrays = {str(t.dtype) for sig in kernel.signatures for t in sig if "float32" in str(t)}
         assert arrays == {"array(float32, 1d, C)"}, arrays
     with pytest.raises(ValueError, match="C-contiguous"):  # an update must land in place
         q = _randn(rng, (4, 4), np.float32)[:, ::2]

@@ -961,22 +961,62 @@ def _flat(a):
     return a.reshape(-1)
 
 
+def _flats(arrays) -> tuple:
+    """_flat of each array, as one tuple for a kernel over them all (one dtype: a tuple of
+    mixed arrays has no single element type to index)."""
+    flat = tuple(_flat(a) for a in arrays)
+    if len({a.dtype for a in flat}) > 1:
+        raise ValueError(f"expected arrays of one dtype, got {sorted({str(a.dtype) for a in flat})}")
+    return flat
+
+
 def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, l2, decay):
     """In place on p, m, v (same shape). bc1 = 1 - beta1**t, bc2 = 1 - beta2**t.
     l2: classic Adam weight decay (added to the gradient); decay: AdamW's decoupled
     decay (p *= 1 - lr*decay first). Matches torch.optim.Adam / AdamW."""
-    _adam_flat(_flat(p), _flat(g), _flat(m), _flat(v), lr, beta1, beta2, eps, bc1, bc2, l2, decay)
+    adam_update_all([p], [g], [m], [v], lr, beta1, beta2, eps, bc1, bc2, [l2], [decay])
+
+
+def adam_update_all(ps, gs, ms, vs, lr, beta1, beta2, eps, bc1, bc2, l2s, decays):
+    """adam_update of every parameter in ps, with its gradient, moments, l2 and decay at the
+    same place in the other sequences, in one parallel region. One call a parameter cost a
+    dispatch and a region launch each (waking the passive OpenMP thread): a 2x128 model's
+    11 arrays took ~0.35 ms a step that way, 3% of the step."""
+    if len(ps):
+        _adam_all(_flats(ps), _flats(gs), _flats(ms), _flats(vs), np.asarray(l2s, np.float64),
+                  np.asarray(decays, np.float64), lr, beta1, beta2, eps, bc1, bc2)
+
+
+@njit(cache=True, inline="always")
+def _chunk_starts(arrays, chunk):
+    """(len(arrays) + 1,) the index of each array's first chunk of `chunk` elements in the
+    run of all arrays' chunks (the last entry: the number of chunks)."""
+    starts = np.empty(len(arrays) + 1, np.int64)
+    starts[0] = 0
+    for i in range(len(arrays)):
+        starts[i + 1] = starts[i] + (arrays[i].size + chunk - 1) // chunk
+    return starts
+
+
+@njit(cache=True, inline="always")
+def _adam_chunk(item, starts, ps, gs, ms, vs, l2s, decays, lr, beta1, beta2, eps, bc1, bc2):
+    i = np.searchsorted(starts, item, side="right") - 1  # the array this chunk belongs to
+    lo = (item - starts[i]) * CHEAP_CHUNK
+    _adam_span(lo, min(ps[i].size, lo + CHEAP_CHUNK), ps[i], gs[i], ms[i], vs[i], lr, beta1,
+               beta2, eps, bc1, bc2, l2s[i], decays[i])
 
 
 @njit(cache=True, parallel=True)
-def _adam_flat(pf, gf, mf, vf, lr, beta1, beta2, eps, bc1, bc2, l2, decay):
-    n = pf.size
-    if n < CHEAP_PAR_MIN:
-        _adam_span(0, n, pf, gf, mf, vf, lr, beta1, beta2, eps, bc1, bc2, l2, decay)
+def _adam_all(ps, gs, ms, vs, l2s, decays, lr, beta1, beta2, eps, bc1, bc2):
+    # ps, gs, ms, vs: tuples of 1-D arrays (compiled once for each number of arrays)
+    starts = _chunk_starts(ps, CHEAP_CHUNK)
+    chunks = starts[len(ps)]
+    if chunks < CHEAP_PAR_MIN // CHEAP_CHUNK:
+        for item in range(chunks):
+            _adam_chunk(item, starts, ps, gs, ms, vs, l2s, decays, lr, beta1, beta2, eps, bc1, bc2)
         return
-    for k in prange((n + CHEAP_CHUNK - 1) // CHEAP_CHUNK):
-        _adam_span(k * CHEAP_CHUNK, min(n, (k + 1) * CHEAP_CHUNK), pf, gf, mf, vf, lr, beta1,
-                   beta2, eps, bc1, bc2, l2, decay)
+    for item in prange(chunks):
+        _adam_chunk(item, starts, ps, gs, ms, vs, l2s, decays, lr, beta1, beta2, eps, bc1, bc2)
 
 
 @njit(cache=True, inline="always")
@@ -1001,29 +1041,46 @@ def _sq_chunk(a, lo, hi):
 
 def sum_squares(g):
     """Sum of squares of an array, accumulated in float64 (global-norm clipping)."""
-    return _sum_squares_flat(np.ravel(g))  # a view where it can be; any layout sums the same
-
-
-@njit(cache=True, parallel=True)
-def _sum_squares_flat(a):
-    n = a.size
-    nch = (n + SQ_CHUNK - 1) // SQ_CHUNK
-    part = np.empty(nch, np.float64)  # (chunks,) partial sums, added in order below
-    if nch < SQ_PAR_MIN:  # the same chunks on one thread: the same bits
-        for k in range(nch):
-            part[k] = _sq_chunk(a, k * SQ_CHUNK, min(n, (k + 1) * SQ_CHUNK))
-    else:
-        for k in prange(nch):
-            part[k] = _sq_chunk(a, k * SQ_CHUNK, min(n, (k + 1) * SQ_CHUNK))
-    total = 0.0
-    for k in range(nch):
-        total += part[k]
-    return total
+    return sum_squares_total([g])
 
 
 def sum_squares_total(arrays):
-    """Sum of squares over a sequence of arrays (global-norm clipping), accumulated in float64."""
-    return float(sum(sum_squares(g) for g in arrays))
+    """Sum of squares over a sequence of arrays (global-norm clipping), accumulated in
+    float64, in one parallel region: each array's chunks summed in order, then the arrays'
+    sums in order, the same bits as summing the arrays one by one."""
+    if not len(arrays):
+        return 0.0
+    flat = [np.ravel(g) for g in arrays]  # views where they can be; any layout sums the same
+    if len({a.dtype for a in flat}) > 1:  # one tuple type: float64 copies square the same
+        flat = [a.astype(np.float64) for a in flat]
+    return float(_sum_squares_all(tuple(flat)))
+
+
+@njit(cache=True, parallel=True)
+def _sum_squares_all(arrays):
+    starts = _chunk_starts(arrays, SQ_CHUNK)
+    nch = starts[len(arrays)]
+    part = np.empty(nch, np.float64)  # (chunks,) partial sums, added in order below
+    if nch < SQ_PAR_MIN:  # the same chunks on one thread: the same bits
+        for k in range(nch):
+            _sq_item(k, starts, arrays, part)
+    else:
+        for k in prange(nch):
+            _sq_item(k, starts, arrays, part)
+    total = 0.0
+    for i in range(len(arrays)):
+        s = 0.0
+        for k in range(starts[i], starts[i + 1]):
+            s += part[k]
+        total += s
+    return total
+
+
+@njit(cache=True, inline="always")
+def _sq_item(k, starts, arrays, part):
+    i = np.searchsorted(starts, k, side="right") - 1
+    lo = (k - starts[i]) * SQ_CHUNK
+    part[k] = _sq_chunk(arrays[i], lo, min(arrays[i].size, lo + SQ_CHUNK))
 
 
 # ---------------------------------------------------------------- generation (batch 1)
