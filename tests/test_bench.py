@@ -328,3 +328,15 @@ def test_the_peak_profile_logs_every_layer_call_and_puts_the_methods_back():
     assert names.count("recompute_gates") == 1 and names.count("_input_projection") == 3
     assert all(peak >= before and peak >= after > 0 for _, before, peak, after in log)
     assert HostBackend.layer_forward is original
+
+
+
+def test_the_optimizer_timing_times_both_variants_every_round():
+    from dataclasses import replace
+
+    from bench import optim_time
+    from bench.workloads import ALL
+
+    times = optim_time.time_row(replace(ALL["train-2x128"], hidden=16), rounds=2, calls=1)
+    assert list(times) == ["one call", "a call a parameter"]
+    assert all(len(t) == 2 and min(t) > 0 for t in times.values())
