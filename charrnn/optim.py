@@ -91,7 +91,11 @@ class Adam:
                 raise ValueError(f"gradient {name} has shape {tuple(g.shape)}, parameter has "
                                  f"{tuple(p.shape)}; hint: gradients must match their parameters")
         names = list(self.params)
-        l2s, decays = zip(*(self._decay(self.params[n]) for n in names))
+        l2s, decays = [], []
+        for n in names:
+            l2, decay = self._decay(self.params[n])
+            l2s.append(l2)
+            decays.append(decay)
         self.k.adam_update_all([self.params[n] for n in names], [grads[n] for n in names],
                                [self.m[n] for n in names], [self.v[n] for n in names], lr,
                                self.beta1, self.beta2, self.eps, bc1, bc2, l2s, decays)

@@ -981,7 +981,7 @@ def adam_update_all(ps, gs, ms, vs, lr, beta1, beta2, eps, bc1, bc2, l2s, decays
     """adam_update of every parameter in ps, with its gradient, moments, l2 and decay at the
     same place in the other sequences, in one parallel region. One call a parameter cost a
     dispatch and a region launch each (waking the passive OpenMP thread): a 2x128 model's
-    11 arrays took ~0.35 ms a step that way, 3% of the step."""
+    11 arrays took 483 us a step that way, 206 in one call (`python -m bench.optim_time`)."""
     if len(ps):
         _adam_all(_flats(ps), _flats(gs), _flats(ms), _flats(vs), np.asarray(l2s, np.float64),
                   np.asarray(decays, np.float64), lr, beta1, beta2, eps, bc1, bc2)

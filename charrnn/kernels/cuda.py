@@ -742,12 +742,12 @@ def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, l2, decay):
         dt(1.0 - lr * decay), 1 if l2 else 0, 1 if decay else 0)
 
 
-
 def adam_update_all(ps, gs, ms, vs, lr, beta1, beta2, eps, bc1, bc2, l2s, decays):
     """adam_update of every parameter in ps, with its gradient, moments, l2 and decay at the
     same place in the other sequences: a launch each (their host cost is ~20 us, _run)."""
     for p, g, m, v, l2, decay in zip(ps, gs, ms, vs, l2s, decays, strict=True):
         adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, l2, decay)
+
 
 # ---------------------------------------------------------------- persistent recurrence
 

@@ -260,12 +260,12 @@ def adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, l2, decay):
     p -= lr * (m / bc1) / (np.sqrt(v / bc2) + eps)
 
 
-
 def adam_update_all(ps, gs, ms, vs, lr, beta1, beta2, eps, bc1, bc2, l2s, decays):
     """adam_update of every parameter in ps, with its gradient, moments, l2 and decay at the
     same place in the other sequences (the optimizer's one call a step)."""
     for p, g, m, v, l2, decay in zip(ps, gs, ms, vs, l2s, decays, strict=True):
         adam_update(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2, l2, decay)
+
 
 def sum_squares(g):
     """Sum of squares of an array, accumulated in float64 (global-norm clipping)."""
