@@ -108,6 +108,12 @@ def test_adam_keeps_float32(kernels):
         assert p.dtype == opt.m[name].dtype == opt.v[name].dtype == np.float32
 
 
+def test_adam_over_no_parameters_counts_its_steps(kernels):
+    opt = Adam({}, kernels)
+    opt.step({}, 1e-3)
+    assert opt.t == 1
+
+
 def test_zero_weight_decay_modes_agree():
     a, b = _params(3), _params(3)
     rng = np.random.default_rng(4)
