@@ -330,7 +330,6 @@ def test_the_peak_profile_logs_every_layer_call_and_puts_the_methods_back():
     assert HostBackend.layer_forward is original
 
 
-
 def test_the_optimizer_timing_times_both_variants_every_round():
     from dataclasses import replace
 

@@ -369,7 +369,6 @@ def test_adam_update_matches_reference(shape, dtype, l2, decay):
         np.testing.assert_array_equal(a, b)
 
 
-
 def _model_like_arrays(rng, dtype):
     """A model's worth of parameter-shaped arrays: sizes on both sides of the chunk size,
     an empty one, and enough elements in all for the threaded path."""
@@ -384,9 +383,8 @@ def test_adam_update_all_equals_one_update_a_parameter(dtype, scale):
     same bits as the reference's update of one parameter at a time."""
     rng = np.random.default_rng(scale)
     ps = [a.reshape(-1)[: -(-a.size // scale)].copy() for a in _model_like_arrays(rng, dtype)]
-    n = len(ps)
-    l2s = [0.0, 0.01, 0.0, 0.0, 0.02, 0.0, 0.0][:n]
-    decays = [0.1, 0.0, 0.0, 0.05, 0.0, 0.1, 0.0][:n]
+    l2s = [0.0, 0.01, 0.0, 0.0, 0.02, 0.0, 0.0]  # one a parameter
+    decays = [0.1, 0.0, 0.0, 0.05, 0.0, 0.1, 0.0]
     want = [[p.copy(), np.zeros_like(p), np.zeros_like(p)] for p in ps]
     got = [[p.copy(), np.zeros_like(p), np.zeros_like(p)] for p in ps]
     for t in range(1, 4):
