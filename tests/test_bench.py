@@ -339,3 +339,40 @@ def test_the_optimizer_timing_times_both_variants_every_round():
     times = optim_time.time_row(replace(ALL["train-2x128"], hidden=16), rounds=2, calls=1)
     assert list(times) == ["one call", "a call a parameter"]
     assert all(len(t) == 2 and min(t) > 0 for t in times.values())
+
+
+def test_the_floor_profile_times_both_modes_every_round_and_puts_the_kernels_back():
+    from dataclasses import replace
+
+    from bench import floors
+    from bench.workloads import ALL
+    from charrnn.kernels import cpu
+
+    kernels = {name: getattr(cpu, name) for name in floors._kernel_names()}
+    assert set(floors.WINDOWS) | {"adam_update_all", "softmax_xent"} <= set(kernels)
+    w = replace(ALL["train-2x128"], hidden=16, seq_len=4, batch=8)
+    times, peak = floors.time_row(w, rounds=2, steps=1)
+    assert {name: getattr(cpu, name) for name in kernels} == kernels  # unwrapped again
+    assert peak > 0 and list(times) == ["shipped", "serial"]
+    for rounds in times.values():
+        assert len(rounds) == 2
+        for step, windows, others in rounds:
+            assert 0 < windows < step
+            assert {"adam_update_all", "softmax_xent", "gather_rows"} <= set(others)
+    s = floors.summary(w, times, threads=2, peak_gflops=peak)
+    assert s["floor"] == pytest.approx(s["rest"] + s["serial"] / 2)
+    assert s["gemm_numpy"] == pytest.approx(s["rest"] - sum(s["others"].values()))
+    assert "floor, the window kernels scaling perfectly" in floors.report(w, s, 2, peak)
+
+
+def test_the_floor_profile_counts_a_steps_products():
+    from bench import floors
+    from bench.workloads import ALL
+
+    # 2x128, V=65, by hand: each (.,128) x (128,512) product is 2*128*512 FLOPs a
+    # character; windows: 2 layers x (forward + backward) recurrent products; rest: layer
+    # 1's input projection, dW_ih and dL/dx, both layers' dW_hh, and the decoder's three
+    # (2*128*65 each)
+    windows, rest = floors.flops_per_char(ALL["train-2x128"])
+    assert windows == 4 * 131072
+    assert rest == 5 * 131072 + 3 * 16640
