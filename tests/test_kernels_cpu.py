@@ -222,7 +222,7 @@ def test_gather_and_scatter_match_reference(V, D, N, id_type, dtype):
 
 def test_gather_and_scatter_threaded_path_with_many_repeats():
     rng = np.random.default_rng(7)
-    N, D, V = 1000, 300, 5  # N*D above COPY_PAR_MIN: rows / column blocks on threads
+    N, D, V = 1000, 300, 5  # N*D above COPY_PAR_MIN: rows / column ranges on threads
     ids = rng.integers(0, V, N)
     table = _randn(rng, (V, D), np.float32)
     out = np.empty((N, D), np.float32)
@@ -233,6 +233,22 @@ def test_gather_and_scatter_threaded_path_with_many_repeats():
     reference.scatter_add_rows(ids, d, acc_ref)
     cpu.scatter_add_rows(ids, d, acc_cpu)
     np.testing.assert_array_equal(acc_cpu, acc_ref)
+
+
+@pytest.mark.parametrize("D", [10, 300, 1000])
+def test_scatter_gives_the_references_sums_whatever_the_column_ranges(D):
+    # one contiguous range of columns a thread, cut at multiples of COL_ALIGN: any number of
+    # ranges adds every output element's rows in the same order 0..N-1
+    rng = np.random.default_rng(D)
+    N, V = 2000, 7  # N*D above COPY_PAR_MIN for D >= 300: the threaded path
+    ids = rng.integers(0, V, N)
+    d = _randn(rng, (N, D), np.float32)
+    want = np.zeros((V, D), np.float32)
+    reference.scatter_add_rows(ids, d, want)
+    for threads in (1, 2, 3, 7):
+        got = np.zeros((V, D), np.float32)
+        cpu._scatter_add_rows(ids, d, got, threads)
+        np.testing.assert_array_equal(got, want)
 
 
 def test_ids_out_of_range_raise():
