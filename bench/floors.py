@@ -26,7 +26,6 @@ Dimension letters: L=layers, H=hidden (= E), G=gate blocks, V=vocab, T=time, B=b
 from __future__ import annotations
 
 # isort: off
-import argparse
 import contextlib
 import statistics
 import sys
@@ -40,7 +39,7 @@ import numba
 import numpy as np
 
 from bench import ours
-from bench.workloads import ALL
+from bench.workloads import ALL, chosen_train_rows, train_rows_parser
 from charrnn.config import GATES
 from charrnn.kernels import cpu
 
@@ -173,17 +172,13 @@ def report(w, s: dict, threads: int, peak_gflops: float) -> str:
 
 
 def main(argv=None) -> int:
-    rows = [n for n, w in ALL.items() if w.kind == "train" and not w.gpu and not w.recompute]
-    ap = argparse.ArgumentParser(prog="python -m bench.floors", description=__doc__.splitlines()[0])
-    ap.add_argument("rows", nargs="*", metavar="ROW", help=f"any of {', '.join(rows)} (default: train-2x128)")
+    ap = train_rows_parser("python -m bench.floors", __doc__, "train-2x128")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=0, help="steps a round (default: ~1 s of steps)")
     args = ap.parse_args(argv)
-    unknown = sorted(set(args.rows) - set(rows))
-    if unknown:
-        ap.error(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(rows)}")
+    names = chosen_train_rows(ap, args.rows, ["train-2x128"])
     threads = numba.get_num_threads()
-    for name in args.rows or ["train-2x128"]:
+    for name in names:
         w = ALL[name]
         # ~1 s a round: a step takes about T*B*H*H*L / 2.8e9 s on the 2-core machine
         steps = args.steps or max(1, round(2.8e9 / (w.seq_len * w.batch * w.hidden**2 * w.layers)))

@@ -11,7 +11,6 @@ only such in-process pairs compare); median and min over the rounds, in us a ste
 from __future__ import annotations
 
 # isort: off
-import argparse
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ import charrnn  # noqa: F401  (thread and allocator settings before numpy)
 import numpy as np
 
 from bench import ours
-from bench.workloads import ALL
+from bench.workloads import ALL, chosen_train_rows, cpu_train_rows, train_rows_parser
 from charrnn.kernels import cpu
 
 ARGS = (1e-3, 0.9, 0.999, 1e-8, 0.1, 0.001)  # lr, beta1, beta2, eps, bc1, bc2
@@ -65,17 +64,13 @@ def time_row(w, rounds: int, calls: int) -> dict[str, list[float]]:
 
 
 def main(argv=None) -> int:
-    rows = sorted(n for n, w in ALL.items() if w.kind == "train" and not w.gpu and not w.recompute)
-    ap = argparse.ArgumentParser(prog="python -m bench.optim_time", description=__doc__.splitlines()[0])
-    ap.add_argument("rows", nargs="*", metavar="ROW", help=f"any of {', '.join(rows)} (default: all)")
+    ap = train_rows_parser("python -m bench.optim_time", __doc__, "all")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--calls", type=int, default=20, help="steps timed together in a round")
     args = ap.parse_args(argv)
-    unknown = sorted(set(args.rows) - set(rows))
-    if unknown:
-        ap.error(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(rows)}")
+    names = chosen_train_rows(ap, args.rows, cpu_train_rows())
     print(f"{'row':<24}{'variant':<22}{'median us':>10}{'min us':>9}")
-    for name in args.rows or rows:
+    for name in names:
         for variant, times in time_row(ALL[name], args.rounds, args.calls).items():
             print(f"{name:<24}{variant:<22}{statistics.median(times):>10.0f}{min(times):>9.0f}")
     return 0

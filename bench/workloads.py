@@ -9,6 +9,7 @@ Dimension letters: L=layers, H=hidden (= E, the embedding width), B=batch, T=tim
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 # Implementations a row can be timed with. "torch-nodnnl" is PyTorch with oneDNN (mkldnn)
@@ -125,3 +126,25 @@ def select(only: str | None, gpu: bool) -> list[Workload]:
         raise ValueError(f"unknown workload(s) {', '.join(unknown)} for a "
                          f"{'--gpu' if gpu else 'CPU'} run; valid: {', '.join(sorted(valid))}")
     return [w for w in pool if w.name in names]
+
+
+# -- the training-row tools (bench.optim_time, bench.floors) ---------------------------------
+def cpu_train_rows() -> list[str]:
+    """The cpu training rows at their own settings (not the `--recompute` variants)."""
+    return sorted(n for n, w in ALL.items() if w.kind == "train" and not w.gpu and not w.recompute)
+
+
+def train_rows_parser(prog: str, doc: str, default: str) -> argparse.ArgumentParser:
+    """A tool's parser, with ROW... (cpu training rows) as its positional arguments."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
+    ap.add_argument("rows", nargs="*", metavar="ROW",
+                    help=f"any of {', '.join(cpu_train_rows())} (default: {default})")
+    return ap
+
+
+def chosen_train_rows(ap: argparse.ArgumentParser, rows: list[str], default: list[str]) -> list[str]:
+    """rows (from train_rows_parser), or default when none; an unknown one ends with ap.error."""
+    unknown = sorted(set(rows) - set(cpu_train_rows()))
+    if unknown:
+        ap.error(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(cpu_train_rows())}")
+    return rows or default

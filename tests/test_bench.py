@@ -376,3 +376,14 @@ def test_the_floor_profile_counts_a_steps_products():
     windows, rest = floors.flops_per_char(ALL["train-2x128"])
     assert windows == 4 * 131072
     assert rest == 5 * 131072 + 3 * 16640
+
+
+def test_the_training_row_tools_take_known_rows_or_their_default_and_refuse_others():
+    from bench.workloads import chosen_train_rows, cpu_train_rows, train_rows_parser
+
+    assert cpu_train_rows() == ["train-2x128", "train-2x256", "train-3x512"]  # no recompute rows
+    ap = train_rows_parser("tool", "tool: a line.\nmore", "train-2x128")
+    assert chosen_train_rows(ap, ap.parse_args([]).rows, ["train-2x128"]) == ["train-2x128"]
+    assert chosen_train_rows(ap, ap.parse_args(["train-3x512"]).rows, []) == ["train-3x512"]
+    with pytest.raises(SystemExit):
+        chosen_train_rows(ap, ap.parse_args(["train-3x512-recompute"]).rows, [])
