@@ -47,10 +47,11 @@ WINDOWS = ("lstm_forward_window", "lstm_backward_window")  # the bench's rows ar
 
 
 def flops_per_char(w) -> tuple[float, float]:
-    """(window kernels', the rest's) multiply-add FLOPs a character. Windows: every layer's
-    recurrent product forward and backward. Rest: layers >= 1 input projections, every
-    layer's dW_hh, layers >= 1 dW_ih and dL/dx, the decoder's three; layer 0's input is a
-    table lookup (its table's products are per vocabulary row, not per character)."""
+    """(window kernels', the rest's) FLOPs a character, a multiply-add counted as two.
+    Windows: every layer's recurrent product forward and backward. Rest: layers >= 1 input
+    projections, every layer's dW_hh, layers >= 1 dW_ih and dL/dx, the decoder's three;
+    layer 0's input is a table lookup (its table's products are per vocabulary row, not per
+    character)."""
     L, H, V, G = w.layers, w.hidden, w.vocab, GATES["lstm"]
     square = 2 * G * H * H
     return 2 * L * square, (4 * L - 3) * square + 3 * 2 * H * V
@@ -90,14 +91,16 @@ def _timed_kernels(spent: dict, serial: list):
 
         def timed(*args):
             threads = numba.get_num_threads()
-            if window and serial[0]:
+            one = window and serial[0]
+            if one:
                 numba.set_num_threads(1)
             t = time.perf_counter()
             try:
                 return kernel(*args)
             finally:
                 spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
-                numba.set_num_threads(threads)
+                if one:
+                    numba.set_num_threads(threads)
 
         return timed
 
@@ -137,8 +140,8 @@ def time_row(w, rounds: int, steps: int) -> tuple[dict[str, list[Round]], float]
     return out, peak
 
 
-def summary(w, times: dict, threads: int, peak_gflops: float) -> dict[str, float]:
-    """Medians (ms), the floor and the roof (ms, chars/s), rates (GFLOP/s)."""
+def summary(w, times: dict, threads: int, peak_gflops: float) -> dict:
+    """Medians (ms; "others": {kernel: ms}), the floor and the roof (ms, chars/s), rates (GFLOP/s)."""
     step, windows = (statistics.median(x[i] for x in times["shipped"]) for i in (0, 1))
     serial = statistics.median(x[1] for x in times["serial"])
     names = sorted({k for x in times["shipped"] for k in x[2]})
